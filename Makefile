@@ -1,0 +1,36 @@
+# Two entry points (README): `make run` runs the default job, `make test` runs the tests.
+# Each creates .venv on first use and reinstalls only when pyproject.toml or
+# constraints.txt change. Every pip call goes through constraints.txt (torch pinned to the
+# CPU wheel; an unpinned torch would pull several GB of CUDA packages).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install --quiet --progress-bar off -c constraints.txt
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -c "import dyprag, torch, transformers, pytorch_lightning, faiss, peft"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) -m dyprag.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/lora_overhead.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,153 @@
+"""Save and load LoRAs (safetensors + meta.json), and export one as a PEFT adapter.
+
+On-disk layout of ``save_lora(lora, path)``::
+
+    path/lora.safetensors   A.<layer>.<module>, B.<layer>.<module>  ((N,) r×in and out×r)
+    path/meta.json          {"format": "dyprag-lora", "rank", "alpha", "batch_size", ...}
+
+Files are written to a temporary name and renamed, ``meta.json`` last, so a directory with a
+``meta.json`` is always complete. Nothing is pickled.
+
+``export_peft`` writes ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's
+format so that ``PeftModel.from_pretrained`` (and vLLM's LoRA loader) can use a LoRA that
+dyprag generated. A fused ``gate_up_proj`` gets one LoRA of rank 2r: ``A = [A_gate; A_up]``
+and ``B = diag(B_gate, B_up)``, with ``rank_pattern``/``alpha_pattern`` keeping ``s = α/r``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dyprag.inject import inject_lora
+from dyprag.lora import LoRA
+from dyprag.models import MODULES
+
+FORMAT = "dyprag-lora"
+WEIGHTS = "lora.safetensors"
+META = "meta.json"
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
+                         metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp),
+              metadata=metadata)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    """Read a JSON object, with one-line errors naming the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def save_lora(lora: LoRA, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``lora`` to directory ``path``; ``meta`` (e.g. base model id) goes into meta.json."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for (layer, module), a, b in lora.items():
+        tensors[f"A.{layer}.{module}"] = a
+        tensors[f"B.{layer}.{module}"] = b
+    _atomic_save_tensors(tensors, out / WEIGHTS)
+    atomic_write_json(out / META, {
+        **(meta or {}), "format": FORMAT, "rank": lora.rank, "alpha": lora.alpha,
+        "batch_size": lora.batch_size, "dtype": str(lora.dtype).removeprefix("torch."),
+        "layers": len(lora.layers), "modules": sorted({m for _, m in lora.keys},
+                                                      key=MODULES.index),
+    })
+    return out
+
+
+def load_lora(path: str | os.PathLike, device: str | torch.device = "cpu",
+              base_model: str | None = None) -> tuple[LoRA, dict[str, Any]]:
+    """Read a directory written by ``save_lora``; returns ``(lora, meta)``.
+
+    With ``base_model``, refuse a LoRA whose meta.json names another base model.
+    """
+    src = Path(path)
+    meta = read_json(src / META)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{src / META}: format is {meta.get('format')!r}, expected {FORMAT!r}")
+    if base_model is not None and meta.get("base_model") not in (None, base_model):
+        raise ValueError(f"{src} was made for base model {meta['base_model']!r}, "
+                         f"not {base_model!r}")
+    if not (src / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{src / WEIGHTS} does not exist")
+    tensors = load_file(str(src / WEIGHTS), device=str(device))
+    A, B = {}, {}
+    for name, tensor in tensors.items():
+        kind, layer, module = name.split(".")
+        (A if kind == "A" else B)[(int(layer), module)] = tensor
+    return LoRA(A, B, alpha=meta["alpha"]), meta
+
+
+def export_peft(lora: LoRA, model: torch.nn.Module, path: str | os.PathLike,
+                base_model_name_or_path: str | None = None) -> Path:
+    """Write one (unbatched) LoRA for ``model`` as a PEFT LoRA adapter folder."""
+    if lora.batch_size not in (None, 1):
+        raise ValueError(f"export_peft takes one LoRA, got a batch of {lora.batch_size}")
+    if lora.batch_size == 1:
+        lora = lora[0]
+    injection = inject_lora(model)
+    injection.check(lora)
+    by_linear: dict[str, list] = {}  # qualified linear name → its targets, in output order
+    for target in injection.targets.values():
+        by_linear.setdefault(target.name, []).append(target)
+
+    tensors: dict[str, torch.Tensor] = {}
+    suffixes: set[str] = set()
+    rank_pattern, alpha_pattern = {}, {}
+    for name, parts in by_linear.items():
+        if not any((t.layer, t.module) in lora.A for t in parts):
+            continue
+        suffix = name.rsplit(".", 1)[-1]
+        suffixes.add(suffix)
+        a_blocks, b_cols = [], []
+        for t in parts:  # missing parts of a fused linear get a zero block
+            key = (t.layer, t.module)
+            a_blocks.append(lora.A.get(key, torch.zeros(lora.rank, t.in_features,
+                                                         dtype=lora.dtype, device=lora.device)))
+            b_cols.append(lora.B.get(key, torch.zeros(t.out_features, lora.rank,
+                                                      dtype=lora.dtype, device=lora.device)))
+        a = torch.cat(a_blocks, dim=0)  # (parts·r, in)
+        b = torch.block_diag(*b_cols)  # (out, parts·r)
+        if len(parts) > 1:
+            rank_pattern[suffix] = len(parts) * lora.rank
+            alpha_pattern[suffix] = len(parts) * lora.alpha
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_save_tensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    base = base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
+    atomic_write_json(out / "adapter_config.json", {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+        "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0, "bias": "none",
+        "target_modules": sorted(suffixes), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None,
+    })
+    return out

@@ -1,0 +1,159 @@
+"""Load Hugging Face causal LMs and find their feed-forward projections.
+
+dyprag injects LoRA into the three FFN projections of every decoder layer:
+
+    gate ─┐
+          ├─ act(gate(x)) * up(x) ─► down ─► y
+    up ───┘
+
+Most architectures (Llama, Qwen2, Mistral, Gemma, Gemma2) hold them as three ``nn.Linear``
+modules named ``gate_proj``, ``up_proj`` and ``down_proj``. Fused architectures (Phi-3) hold
+gate and up in one ``gate_up_proj`` whose output is ``[gate ; up]``; there each logical
+projection is a slice of the fused module's output rows. ``find_ffn_targets`` returns one
+``FFNTarget`` per (layer, projection) either way, so the LoRA engine never looks at modeling
+code.
+
+Example:
+    model, tokenizer = load_model("meta-llama/Llama-3.2-1B-Instruct", dtype="bfloat16")
+    targets = find_ffn_targets(model)   # 16 layers x {gate, up, down}
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODULES = ("gate", "up", "down")
+"""Canonical names of the FFN projections, in the order they are stored everywhere."""
+
+_SEPARATE = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+_FUSED = {"gate_up_proj": ("gate", "up"), "down_proj": ("down",)}
+_LAYER_PATH = re.compile(r"^(?P<prefix>.*\.)?layers\.(?P<layer>\d+)\.mlp$")
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+@dataclass(frozen=True)
+class FFNTarget:
+    """One logical FFN projection of one layer.
+
+    ``rows`` is the slice of ``linear``'s output that belongs to this projection: the whole
+    output for separate modules, one half of ``gate_up_proj`` for fused ones.
+    """
+
+    layer: int
+    module: str  # one of MODULES
+    name: str  # qualified name of the nn.Linear inside the model
+    linear: nn.Linear
+    rows: slice
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.rows.stop - self.rows.start
+
+
+def find_ffn_targets(model: nn.Module) -> list[FFNTarget]:
+    """Every FFN projection of ``model``, sorted by (layer, MODULES order).
+
+    Raises ``ValueError`` naming the model class and the modules found when the architecture
+    has no recognisable gate/up/down projections.
+    """
+    targets: list[FFNTarget] = []
+    for path, mlp in model.named_modules():
+        match = _LAYER_PATH.match(path)
+        if match is None:
+            continue
+        layer = int(match["layer"])
+        children = {name: child for name, child in mlp.named_children()}
+        if all(isinstance(children.get(n), nn.Linear) for n in _SEPARATE.values()):
+            for module, attr in _SEPARATE.items():
+                linear = children[attr]
+                targets.append(FFNTarget(layer, module, f"{path}.{attr}", linear,
+                                         slice(0, linear.out_features)))
+        elif all(isinstance(children.get(n), nn.Linear) for n in _FUSED):
+            fused = children["gate_up_proj"]
+            half = fused.out_features // 2
+            targets.append(FFNTarget(layer, "gate", f"{path}.gate_up_proj", fused, slice(0, half)))
+            targets.append(FFNTarget(layer, "up", f"{path}.gate_up_proj", fused,
+                                     slice(half, 2 * half)))
+            down = children["down_proj"]
+            targets.append(FFNTarget(layer, "down", f"{path}.down_proj", down,
+                                     slice(0, down.out_features)))
+        else:
+            raise ValueError(
+                f"{type(model).__name__}: layer {layer} MLP ({type(mlp).__name__}) has children "
+                f"{sorted(children)}; dyprag supports gate_proj/up_proj/down_proj or "
+                "gate_up_proj/down_proj linear layers"
+            )
+    if not targets:
+        found = sorted({f"{name.rsplit('.', 1)[-1]} ({type(m).__name__})"
+                        for name, m in model.named_modules()
+                        if name and not list(m.children()) and list(m.parameters())})
+        raise ValueError(
+            f"{type(model).__name__} is not a supported architecture: no '<...>.layers.<i>.mlp' "
+            f"module with gate/up/down projections; modules found: {found}"
+        )
+    layers = sorted({t.layer for t in targets})
+    assert layers == list(range(len(layers))), f"non-contiguous layer indices {layers}"
+    order = {m: i for i, m in enumerate(MODULES)}
+    return sorted(targets, key=lambda t: (t.layer, order[t.module]))
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"``/``"bfloat16"``/... or a ``torch.dtype`` → ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+):
+    """Load a causal LM and its tokenizer from a hub id or a local directory.
+
+    Returns ``(model, tokenizer)`` with the model in eval mode. A hub id that cannot be
+    reached and is not in the local cache gets one clear ``OSError`` saying what to do.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    source = str(name_or_path)
+    looks_local = Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
+    if looks_local and not (Path(source).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"model directory {source!r} has no config.json")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
+    except OSError as err:
+        if looks_local:
+            raise
+        raise OSError(
+            f"could not load model {source!r}: it is not a local directory and could not be "
+            "fetched from the Hugging Face Hub or found in its cache (offline?). Download it "
+            f"where there is network (`hf download {source}`) or pass a local path. "
+            f"Cause: {str(err).splitlines()[0]}"
+        ) from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device).eval()
+    return model, tokenizer

@@ -1,0 +1,53 @@
+"""Tiny random Hugging Face causal LMs built from configs, seeded, fp32, CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from dyprag.inject import inject_lora
+from dyprag.lora import LoRA
+
+TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+ARCHITECTURES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM, {"head_dim": 8}),
+    "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM, {"head_dim": 8}),
+    "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM, {}),
+}
+PEFT_ARCHITECTURES = ["llama", "qwen2", "mistral", "phi3"]
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, head_scale: float = 1.0, **overrides):
+    """A random tiny model; ``head_scale`` > 1 makes next-token logits peaked (no near-ties)."""
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    torch.manual_seed(seed)
+    config = config_cls(**{**TINY, **extra, **overrides})
+    model = model_cls(config).eval()
+    if head_scale != 1.0:
+        model.config.tie_word_embeddings = False
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(head.weight.detach().clone() * head_scale)
+    return model
+
+
+def random_lora(model, rank: int = 2, alpha: float = 4.0, batch_size: int | None = None,
+                seed: int = 1, std: float = 0.3) -> LoRA:
+    shapes = inject_lora(model).shapes
+    return LoRA.random(shapes, rank, alpha, batch_size=batch_size, std=std,
+                       generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(params=list(ARCHITECTURES))
+def arch(request) -> str:
+    return request.param
+
+
+def tokens(batch: int, length: int, seed: int = 2, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
