@@ -50,27 +50,28 @@ def _lora_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
         return None
     n, slots = state
     x = args[0]
+    out = out.contiguous()  # a no-op for nn.Linear; makes the views below valid
+    # Adding in place into the linear's fresh output saves a full (rows, out) allocation and
+    # copy per projection; autograd allows it since a linear's backward never reads its output.
     if n is None:  # broadcast: flatten every leading dim into rows
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
-        out2 = out.reshape(-1, out.shape[-1])  # (rows, out)
-        parts = [out2 if rows is None else out2[:, rows] for rows, _, _, _ in slots]
-        pieces = [part if a_t is None else torch.addmm(part, x2 @ a_t, b_t, alpha=s)
-                  for part, (_, a_t, b_t, s) in zip(parts, slots)]  # (rows, r) @ (r, out)
+        out2 = out.view(-1, out.shape[-1])  # (rows, out)
+        for rows, a_t, b_t, s in slots:
+            if a_t is not None:
+                target = out2 if rows is None else out2[:, rows]
+                target.addmm_(x2 @ a_t, b_t, alpha=s)  # (rows, r) @ (r, out)
     else:
         if x.dim() != 3 or x.shape[0] % n:
             raise ValueError(f"per-sample LoRA has {n} samples but the projection input "
                              f"has shape {tuple(x.shape)}; expected (N·m, T, in) with N={n}")
         # Rows b·m … b·m+m−1 belong to sample b (generate expands inputs consecutively).
         x3 = x.reshape(n, -1, x.shape[-1])  # (N, m·T, in)
-        out3 = out.reshape(n, -1, out.shape[-1])  # (N, m·T, out)
-        parts = [out3 if rows is None else out3[..., rows] for rows, _, _, _ in slots]
-        pieces = [part if a_t is None else torch.baddbmm(part, torch.bmm(x3, a_t), b_t, alpha=s)
-                  for part, (_, a_t, b_t, s) in zip(parts, slots)]  # (N, m·T, r) @ (N, r, out)
-    if len(pieces) == 1 and slots[0][0] is None:
-        return pieces[0].view(out.shape)
-    assert sum(p.shape[-1] for p in pieces) == out.shape[-1], \
-        f"fused projection slices cover {[p.shape[-1] for p in pieces]} of {out.shape[-1]}"
-    return torch.cat(pieces, dim=-1).view(out.shape)
+        out3 = out.view(n, -1, out.shape[-1])  # (N, m·T, out)
+        for rows, a_t, b_t, s in slots:
+            if a_t is not None:
+                target = out3 if rows is None else out3[..., rows]
+                target.baddbmm_(torch.bmm(x3, a_t), b_t, alpha=s)  # (N, m·T, r) @ (N, r, out)
+    return out
 
 
 def inject_lora(model: nn.Module) -> LoRAInjection:
@@ -166,8 +167,7 @@ class LoRAInjection:
     def _slots(parts: list[FFNTarget], lora: LoRA) -> list[_Slot]:
         """The hook's view of ``lora`` for one linear; empty when ``lora`` skips all of it.
 
-        A fused linear keeps a slot per part (with ``None`` factors for a part the LoRA does
-        not cover) so the pieces of its output always concatenate back in order.
+        A fused linear has a slot per part (``None`` factors for a part the LoRA skips).
         """
         slots = []
         for t in parts:

@@ -248,3 +248,27 @@ def test_deepcopy_of_injected_model_is_independent():
     inject_lora(twin).remove()
     with injection.use(random_lora(model)):
         assert not torch.allclose(model(ids).logits, base), "removing the copy's hooks kept ours"
+
+
+def test_gradients_equal_those_of_formed_delta_weights(arch):
+    """d loss / d(A, B) through the hooks == through W + s·BA put into the weights."""
+    model = tiny_model(arch)
+    injection = inject_lora(model)
+    lora = random_lora(model).map(lambda t: t.clone().requires_grad_(True))
+    ids = tokens(2, 7)
+    with injection.use(lora):
+        model(ids).logits.pow(2).mean().backward()
+    hooked = [t.grad.clone() for _, a, b in lora.items() for t in (a, b)]
+
+    ref = lora.map(lambda t: t.detach().clone().requires_grad_(True))
+    weights = {}
+    for key, target in injection.targets.items():
+        name = f"{target.name}.weight"
+        base = weights.get(name, target.linear.weight)
+        pad = torch.zeros_like(base)
+        pad[target.rows] = ref.delta(key)
+        weights[name] = base + pad
+    torch.func.functional_call(model, weights, (ids,)).logits.pow(2).mean().backward()
+    formed = [t.grad for _, a, b in ref.items() for t in (a, b)]
+    for got, want in zip(hooked, formed):
+        assert_close(got, want)
