@@ -51,6 +51,11 @@ def _lora_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
     n, slots = state
     x = args[0]
     out = out.contiguous()  # a no-op for nn.Linear; makes the views below valid
+    if any(a_t is not None and a_t.dtype != out.dtype for _, a_t, _, _ in slots):
+        # Under autocast the linear's output is in the autocast dtype, and in-place ops are
+        # not autocast: bring the factors to it (differentiably).
+        slots = [(rows, None if a_t is None else a_t.to(out.dtype),
+                  None if b_t is None else b_t.to(out.dtype), s) for rows, a_t, b_t, s in slots]
     # Adding in place into the linear's fresh output saves a full (rows, out) allocation and
     # copy per projection; autograd allows it since a linear's backward never reads its output.
     if n is None:  # broadcast: flatten every leading dim into rows

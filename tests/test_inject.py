@@ -272,3 +272,21 @@ def test_gradients_equal_those_of_formed_delta_weights(arch):
     formed = [t.grad for _, a, b in ref.items() for t in (a, b)]
     for got, want in zip(hooked, formed):
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_bf16_autocast_with_fp32_lora(batch_size):
+    """Mixed precision: fp32 model and LoRA under bf16 autocast; grads arrive in fp32."""
+    model = tiny_model()
+    injection = inject_lora(model)
+    lora = random_lora(model, batch_size=batch_size).map(lambda t: t.clone().requires_grad_(True))
+    ids = tokens(2, 6)
+    with injection.use(lora):
+        reference = model(ids).logits.detach()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16
+    assert_close(logits.float(), reference, atol=0.1, rtol=0.05)
+    logits.float().pow(2).mean().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32
+               for _, a, b in lora.items() for t in (a, b))
