@@ -1,0 +1,205 @@
+"""Pretrain the synthetic world's tiny base model: a word-level tokenizer and a small Llama.
+
+    python -m dyprag.pretrain --world checkpoints/world --out checkpoints/base
+
+No LLM weights can be downloaded here, so the project builds its own base model. It is
+trained (Lightning) on the ``pretrain`` entities only, on three kinds of text:
+
+- bios and their rewrites (language modelling on every token);
+- questions with passages in context: the entity's bio among distractor bios, at a random
+  position, 1 to 3 passages (learning to *read*; loss on the answer);
+- closed-book questions (learning to *recall* facts held in the weights; loss on the answer).
+
+Train and test entities never appear, so closed-book answers about them are at chance. The
+result is saved with ``save_pretrained`` and loads back with ``dyprag.models.load_model``
+like any Hugging Face model. It is cached: rebuilt only when the world or the config changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.utils.data import DataLoader
+
+from dyprag.lora_io import atomic_write_json, read_json
+from dyprag.prompts import qa_prompt
+from dyprag.world import fresh_entities, load_entities, render
+
+SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "intermediate_size": 384, "max_position_embeddings": 512,
+    "epochs": 3, "batch_size": 32, "lr": 3e-3, "warmup_steps": 50, "weight_decay": 0.01,
+    "reading_examples": 12000, "max_passages": 3, "seed": 0,
+}
+
+
+def build_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
+    """A word-level tokenizer over every word (and punctuation mark) in ``texts``."""
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS.values())}
+    vocab.update({w: i + len(vocab) for i, w in enumerate(w for w in words if w not in vocab)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=SPECIALS["unk"]))
+    backend.pre_tokenizer = pre
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=SPECIALS["pad"], bos_token=SPECIALS["bos"],
+        eos_token=SPECIALS["eos"], unk_token=SPECIALS["unk"])
+
+
+def pretraining_texts(world_dir: Path, reading: int, max_passages: int,
+                      seed: int) -> list[tuple[str, str]]:
+    """``(prefix, target)`` pairs: loss on target only; an empty prefix means LM on all.
+
+    Closed-book questions and bios are about the pretrain entities (facts to memorise).
+    Questions with passages are about *fresh* entities with random attributes, so reading the
+    passage is the only way to answer them: with pretrain entities the model would learn to
+    answer from memory and ignore the context.
+    """
+    rng = random.Random(seed)
+    schema = read_json(world_dir / "schema.json")
+    entities = [e for e in load_entities(world_dir) if e["split"] == "pretrain"]
+    examples: list[tuple[str, str]] = []
+    with (world_dir / "corpus.jsonl").open() as f:
+        names = {e["id"] for e in entities}
+        examples += [("", row["text"]) for row in map(json.loads, f) if row["id"] in names]
+    examples += [("", r) for e in entities for r in e["rewrites"]]
+    with (world_dir / "qa_pretrain.jsonl").open() as f:
+        for qa in map(json.loads, f):
+            examples.append((qa_prompt(qa["question"]), " " + qa["answers"][0]))
+    fresh = fresh_entities(schema, reading * max_passages, rng)
+    bios = [render(e, schema["bio_templates"], rng) for e in fresh]
+    for i in range(reading):
+        k = rng.randint(1, max_passages)
+        picked = rng.sample(range(len(fresh)), k)  # picked[0] is asked about
+        entity = fresh[picked[0]]
+        attr = rng.choice(list(entity.attributes))
+        question = rng.choice(schema["question_templates"][attr]).format(name=entity.name)
+        passages = [bios[j] for j in picked]
+        rng.shuffle(passages)
+        examples.append((qa_prompt(question, passages), " " + entity.attributes[attr]))
+    rng.shuffle(examples)
+    return examples
+
+
+def collate(tokenizer, examples: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded ids with labels = -100 on the prefix and on padding."""
+    rows, labels = [], []
+    for prefix, target in examples:
+        p = tokenizer(prefix, add_special_tokens=False)["input_ids"] if prefix else []
+        t = tokenizer(target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + t)
+        labels.append([-100] * len(p) + t)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
+    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "labels": lab}
+
+
+class BaseModelPretraining(pl.LightningModule):
+    """Next-token training of a fresh Llama with AdamW, linear warm-up and cosine decay."""
+
+    def __init__(self, model: transformers.PreTrainedModel, lr: float, warmup_steps: int,
+                 total_steps: int, weight_decay: float):
+        super().__init__()
+        self.model = model
+        self.lr, self.warmup, self.total, self.wd = lr, warmup_steps, total_steps, weight_decay
+
+    def training_step(self, batch: dict[str, torch.Tensor], _: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.wd)
+
+        def schedule(step: int) -> float:
+            if step < self.warmup:
+                return (step + 1) / self.warmup
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+
+
+def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) -> Path:
+    """Build tokenizer + model for the world in ``world_dir``; cached in ``out_dir``."""
+    world, out = Path(world_dir), Path(out_dir)
+    config = {**DEFAULTS, **overrides}
+    unknown = set(overrides) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown pretraining options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    world_key = read_json(world / "meta.json")["fingerprint"]
+    key = hashlib.sha256(json.dumps([world_key, config], sort_keys=True).encode()).hexdigest()[:16]
+    meta_path = out / "pretrain.json"
+    if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
+        return out
+
+    pl.seed_everything(config["seed"], verbose=False)
+    examples = pretraining_texts(world, config["reading_examples"], config["max_passages"],
+                                 config["seed"])
+    with (world / "corpus.jsonl").open() as f:
+        corpus_text = [json.loads(line)["text"] for line in f]
+    all_questions = []
+    for split in ("pretrain", "train", "test"):
+        with (world / f"qa_{split}.jsonl").open() as f:
+            all_questions += [json.loads(line)["question"] for line in f]
+    tokenizer = build_tokenizer(corpus_text + all_questions + [p + t for p, t in examples])
+    model_config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
+        num_attention_heads=config["num_attention_heads"],
+        num_key_value_heads=config["num_attention_heads"],
+        max_position_embeddings=config["max_position_embeddings"], tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id)
+    model = transformers.LlamaForCausalLM(model_config)
+    loader = DataLoader(examples, batch_size=config["batch_size"], shuffle=True,
+                        collate_fn=lambda b: collate(tokenizer, b),
+                        generator=torch.Generator().manual_seed(config["seed"]))
+    steps = config["epochs"] * len(loader)
+    system = BaseModelPretraining(model, config["lr"], config["warmup_steps"], steps,
+                                  config["weight_decay"])
+    trainer = pl.Trainer(max_epochs=config["epochs"], accelerator="auto", devices=1,
+                         logger=False, enable_checkpointing=False, gradient_clip_val=1.0,
+                         enable_model_summary=False, log_every_n_steps=10,
+                         precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
+    start = time.perf_counter()
+    trainer.fit(system, loader)
+    seconds = time.perf_counter() - start
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    atomic_write_json(meta_path, {"fingerprint": key, "config": config, "world": world_key,
+                                  "examples": len(examples), "steps": steps,
+                                  "seconds": round(seconds, 1)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Pretrain the synthetic world's base model.")
+    parser.add_argument("--world", default="checkpoints/world", help="world directory")
+    parser.add_argument("--out", default="checkpoints/base", help="output directory")
+    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    args = parser.parse_args()
+    out = pretrain_base(args.world, args.out, epochs=args.epochs)
+    print(json.dumps(read_json(out / "pretrain.json")))
+
+
+if __name__ == "__main__":
+    main()

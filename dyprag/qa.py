@@ -1,0 +1,378 @@
+"""Question sets: read 2WikiMultihopQA, HotpotQA, PopQA, ComplexWebQuestions or generic jsonl
+into one example type, and write the generic jsonl.
+
+    >>> from dyprag.qa import load_qa, write_qa_jsonl
+    >>> examples = load_qa("data/2wikimultihopqa/dev.json", limit=300)  # + id_aliases.json
+    >>> write_qa_jsonl(examples, "data/2wqa_dev300.jsonl")
+
+Every loader gives ``QAExample(id, question, answers, meta)`` with ``answers`` = the gold
+answer first, then its aliases, stripped and deduplicated in order. ``meta`` keeps the other
+fields of the native record (question type, level, evidences, popularity, ...) except the
+bulky ``context`` paragraphs of 2WQA / HotpotQA: dyprag retrieves its own passages.
+
+Native files and where the answers come from:
+
+    2wqa      dev.json (JSON list)        answer + aliases + demonyms of the entry of
+              + id_aliases.json (jsonl)   id_aliases.json whose Q_id is the answer_id (as
+                                          the official 2WikiMultihopQA evaluation does)
+    hotpotqa  hotpot_*.json (JSON list)   answer
+    popqa     popQA.tsv (tab-separated)   obj + possible_answers (a Python-literal list)
+    cwq       ComplexWebQuestions_*.json  answers[*].answer, then answers[*].aliases
+    jsonl     *.jsonl                     {"id", "question", "answers": [...], "meta": {...}}
+
+jsonl and tsv files are read line by line, so ``limit`` stops early; the JSON lists are read
+whole (the standard library has no streaming JSON parser) and cut to ``limit`` before
+conversion. A bad file raises ``QAFormatError`` (a ValueError) in one line naming the file
+and the example; a missing one raises FileNotFoundError.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("2wqa", "hotpotqa", "popqa", "cwq", "jsonl")
+ALIASES_FILE = "id_aliases.json"
+# Left out of meta: 2WQA / HotpotQA passages are most of the file, and dyprag retrieves its own.
+_DROPPED = {"context"}
+_POPQA_INTS = ("s_pop", "o_pop")  # page views, the axis PopQA results are split by
+
+
+class QAFormatError(ValueError):
+    """A question file that cannot be read as its format: the message names file and example."""
+
+
+@dataclass
+class QAExample:
+    """One question with its gold answers (first = canonical, then aliases)."""
+
+    id: str
+    question: str
+    answers: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _where(path: Path, index: int, raw_id: Any = None) -> str:
+    return f"{path}: example {index}" + ("" if raw_id is None else f" (id {raw_id!r})")
+
+
+def _question(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise QAFormatError(f"{where} has no question")
+    return value.strip()
+
+
+def _answers(values: Iterable[Any], where: str) -> list[str]:
+    """Strip, drop empties and repeats (order kept); at least one answer must remain."""
+    answers: list[str] = []
+    for value in values:
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise QAFormatError(f"{where}: answers must be strings, got {value!r}")
+        value = value.strip()
+        if value and value not in answers:
+            answers.append(value)
+    if not answers:
+        raise QAFormatError(f"{where} has no answer")
+    return answers
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A missing field is no values; a single string is one value."""
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        return [value]
+    if isinstance(value, list):
+        return value
+    return [value]  # not a string: _answers reports it
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    src = Path(path)
+    if not src.is_file():
+        raise FileNotFoundError(f"{src} does not exist")
+    return src
+
+
+def _check_limit(limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive integer or None, got {limit!r}")
+
+
+def _lines(path: Path) -> Iterator[str]:
+    """The file's lines, read as UTF-8 (a BOM is skipped); line ends are kept for csv."""
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        try:
+            yield from f
+        except UnicodeDecodeError as err:  # name the file, not just the codec
+            raise QAFormatError(f"{path} is not UTF-8 text: {err}") from None
+
+
+def _read_json_list(path: Path) -> list[Any]:
+    try:
+        data = json.loads("".join(_lines(path)))
+    except json.JSONDecodeError as err:
+        raise QAFormatError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, list):
+        raise QAFormatError(f"{path} must hold a JSON list of questions, not {type(data).__name__}")
+    return data
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line."""
+    for lineno, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise QAFormatError(f"{path}:{lineno}: not valid JSON: {err}") from None
+        if not isinstance(obj, dict):
+            raise QAFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def _records(path: Path, limit: int | None) -> list[dict[str, Any]]:
+    """The objects of a JSON-list file, cut to ``limit``."""
+    records = _read_json_list(path)[:limit]
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise QAFormatError(f"{_where(path, index)} is a {type(record).__name__}, not a JSON object")
+    return records
+
+
+def _collect(examples: Iterable[QAExample], path: Path, limit: int | None) -> list[QAExample]:
+    """Stop at ``limit``; refuse duplicate ids (results are keyed by id) and empty files."""
+    out: list[QAExample] = []
+    seen: set[str] = set()
+    for example in examples:
+        if example.id in seen:
+            raise QAFormatError(f"{path}: duplicate id {example.id!r}")
+        seen.add(example.id)
+        out.append(example)
+        if limit is not None and len(out) >= limit:
+            break
+    if not out:
+        raise QAFormatError(f"no questions in {path}")
+    return out
+
+
+def _meta(record: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    return {k: v for k, v in record.items() if k not in used and k not in _DROPPED}
+
+
+def _read_aliases(path: Path, wanted: set[str]) -> dict[str, list[str]]:
+    """Aliases + demonyms of the wanted Q_ids from a 2WQA id_aliases.json (jsonl) file."""
+    aliases: dict[str, list[str]] = {}
+    for lineno, obj in _iter_jsonl(path):
+        qid = obj.get("Q_id")
+        if qid not in wanted:
+            continue
+        names = _as_list(obj.get("aliases")) + _as_list(obj.get("demonyms"))
+        if not all(isinstance(n, str) for n in names):
+            raise QAFormatError(f"{path}:{lineno}: aliases and demonyms must be lists of strings")
+        aliases[qid] = names
+    return aliases
+
+
+def load_2wqa(path: str | os.PathLike, aliases_path: str | os.PathLike | None = None,
+              limit: int | None = None) -> list[QAExample]:
+    """2WikiMultihopQA ``dev.json``; aliases from ``aliases_path``, by default
+    ``id_aliases.json`` beside it when that exists (only the ID-enhanced release of the data
+    has the ``answer_id`` field that links the two)."""
+    src = _check_path(path)
+    _check_limit(limit)
+    records = _records(src, limit)
+    if aliases_path is None:
+        beside = src.with_name(ALIASES_FILE)
+        alias_src = beside if beside.is_file() else None
+    else:
+        alias_src = _check_path(aliases_path)
+    wanted = {r["answer_id"] for r in records if isinstance(r.get("answer_id"), str)}
+    aliases = _read_aliases(alias_src, wanted) if alias_src and wanted else {}
+
+    def examples() -> Iterator[QAExample]:
+        for index, r in enumerate(records):
+            where = _where(src, index, r.get("_id"))
+            if r.get("_id") is None:
+                raise QAFormatError(f"{where} has no _id")
+            answer_id = r.get("answer_id")
+            linked = aliases.get(answer_id, []) if isinstance(answer_id, str) else []
+            golds = _as_list(r.get("answer")) + linked
+            yield QAExample(str(r["_id"]), _question(r.get("question"), where),
+                            _answers(golds, where), _meta(r, {"_id", "question", "answer"}))
+
+    return _collect(examples(), src, limit)
+
+
+def load_hotpotqa(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
+    """HotpotQA ``hotpot_dev_distractor_v1.json`` (or the fullwiki dev file)."""
+    src = _check_path(path)
+    _check_limit(limit)
+
+    def examples() -> Iterator[QAExample]:
+        for index, r in enumerate(_records(src, limit)):
+            where = _where(src, index, r.get("_id"))
+            if r.get("_id") is None:
+                raise QAFormatError(f"{where} has no _id")
+            yield QAExample(str(r["_id"]), _question(r.get("question"), where),
+                            _answers(_as_list(r.get("answer")), where),
+                            _meta(r, {"_id", "question", "answer"}))
+
+    return _collect(examples(), src, limit)
+
+
+def _literal_list(text: str, where: str) -> list[Any]:
+    if not text.strip():
+        return []
+    try:
+        value = ast.literal_eval(text)  # the file's lists are Python/JSON literals; never eval
+    except (ValueError, SyntaxError):
+        raise QAFormatError(f"{where}: possible_answers is not a list literal: {text!r}") from None
+    if not isinstance(value, list):
+        raise QAFormatError(f"{where}: possible_answers is not a list literal: {text!r}")
+    return value
+
+
+def load_popqa(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
+    """PopQA ``popQA.tsv``: ``obj`` first, then the ``possible_answers`` list."""
+    src = _check_path(path)
+    _check_limit(limit)
+
+    def rows() -> Iterator[tuple[int, list[str]]]:
+        """(line number, fields) per row; csv's own errors get the file's name."""
+        reader = csv.reader(_lines(src), delimiter="\t")  # pandas' quoting, which wrote the file
+        try:
+            for fields in reader:
+                yield reader.line_num, fields
+        except csv.Error as err:
+            raise QAFormatError(f"{src}:{reader.line_num}: not valid TSV: {err}") from None
+
+    def examples() -> Iterator[QAExample]:
+        lines = rows()
+        _, header = next(lines, (0, None))
+        if header is None:
+            return
+        missing = {"question", "possible_answers"} - set(header)
+        if missing:
+            raise QAFormatError(f"{src}: header lacks the column(s) {', '.join(sorted(missing))}")
+        for index, (lineno, fields) in enumerate(row for row in lines if any(row[1])):
+            row = dict(zip(header, fields))
+            raw_id = row.get("id") or None
+            where = f"{_where(src, index, raw_id)} (line {lineno})"
+            if len(fields) != len(header):
+                raise QAFormatError(f"{where} has {len(fields)} fields, the header {len(header)}")
+            golds = [row.get("obj")] + _literal_list(row["possible_answers"], where)
+            meta: dict[str, Any] = _meta(row, {"id", "question", "possible_answers"})
+            for key in _POPQA_INTS:
+                if meta.get(key, "").lstrip("-").isdigit():
+                    meta[key] = int(meta[key])
+            yield QAExample(raw_id or str(index), _question(row["question"], where),
+                            _answers(golds, where), meta)
+
+    return _collect(examples(), src, limit)
+
+
+def load_cwq(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
+    """ComplexWebQuestions ``ComplexWebQuestions_dev.json``: every answer's name first, then
+    every answer's aliases."""
+    src = _check_path(path)
+    _check_limit(limit)
+
+    def examples() -> Iterator[QAExample]:
+        for index, r in enumerate(_records(src, limit)):
+            where = _where(src, index, r.get("ID"))
+            if r.get("ID") is None:
+                raise QAFormatError(f"{where} has no ID")
+            entries = _as_list(r.get("answers"))
+            if not all(isinstance(e, dict) for e in entries):
+                raise QAFormatError(f"{where}: answers must be objects with 'answer' and 'aliases'")
+            names = [e.get("answer") for e in entries]
+            aliases = [a for e in entries for a in _as_list(e.get("aliases"))]
+            yield QAExample(str(r["ID"]), _question(r.get("question"), where),
+                            _answers(names + aliases, where), _meta(r, {"ID", "question", "answers"}))
+
+    return _collect(examples(), src, limit)
+
+
+def load_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
+    """Generic jsonl (what ``write_qa_jsonl`` writes). A missing id becomes the line number;
+    ``answer`` is accepted for ``answers``; other top-level keys go into meta."""
+    src = _check_path(path)
+    _check_limit(limit)
+
+    def examples() -> Iterator[QAExample]:
+        for lineno, obj in _iter_jsonl(src):
+            where = f"{src}:{lineno}" + ("" if obj.get("id") is None else f" (id {obj['id']!r})")
+            meta = obj.get("meta") or {}
+            if not isinstance(meta, dict):
+                raise QAFormatError(f"{where}: meta must be a JSON object")
+            extra = {k: v for k, v in obj.items() if k not in ("id", "question", "answers", "answer", "meta")}
+            golds = _as_list(obj["answers"] if "answers" in obj else obj.get("answer"))
+            yield QAExample(str(obj.get("id", lineno)), _question(obj.get("question"), where),
+                            _answers(golds, where), {**extra, **meta})
+
+    return _collect(examples(), src, limit)
+
+
+_LOADERS = {"2wqa": load_2wqa, "hotpotqa": load_hotpotqa, "popqa": load_popqa, "cwq": load_cwq,
+            "jsonl": load_jsonl}
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """The format a file name implies; ValueError listing the choices when it implies none."""
+    name = Path(path).name
+    lower = name.lower()
+    if lower.endswith(".jsonl"):
+        return "jsonl"
+    if lower.endswith(".tsv"):
+        return "popqa"
+    if lower.endswith(".json"):
+        if lower.startswith("complexwebquestions"):
+            return "cwq"
+        if lower.startswith("hotpot"):
+            return "hotpotqa"
+        if lower == "dev.json":
+            return "2wqa"
+    raise ValueError(f"cannot tell the format of {name!r} from its name: pass fmt= one of "
+                     f"{', '.join(FORMATS)} (names: dev.json → 2wqa, hotpot*.json → hotpotqa, "
+                     f"*.tsv → popqa, ComplexWebQuestions*.json → cwq, *.jsonl → jsonl)")
+
+
+def load_qa(path: str | os.PathLike, fmt: str | None = None, limit: int | None = None) -> list[QAExample]:
+    """Load a question set; ``fmt`` is one of FORMATS, or None to go by the file name."""
+    if fmt is None:
+        fmt = detect_format(path)
+    if fmt not in _LOADERS:
+        raise ValueError(f"unknown QA format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    return _LOADERS[fmt](path, limit=limit)
+
+
+def write_qa_jsonl(examples: Iterable[QAExample], path: str | os.PathLike) -> Path:
+    """Write examples as generic jsonl through a temporary file and a rename, so ``path``
+    is either the old file or the complete new one."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    count = 0
+    try:
+        with tmp.open("w", encoding="utf-8") as f:
+            for ex in examples:
+                f.write(json.dumps({"id": ex.id, "question": ex.question, "answers": ex.answers,
+                                    "meta": ex.meta}, ensure_ascii=False) + "\n")
+                count += 1
+        # load_jsonl refuses an empty file, so never write one.
+        if count == 0:
+            raise ValueError(f"no examples to write to {out}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out

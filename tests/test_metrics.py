@@ -1,0 +1,117 @@
+"""Answer extraction and SQuAD-style EM / F1, checked against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from dyprag.metrics import exact_match, extract_answer, f1_score, normalize_answer, score
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("The Eiffel Tower!", "eiffel tower"),
+    ("  A   cat,  an apple; THE end. ", "cat apple end"),
+    ("Washington, D.C.", "washington dc"),
+    ("theatre anthem", "theatre anthem"),  # articles only as whole words
+    ("Ma\u0142gorzata Braunek", "ma\u0142gorzata braunek"),
+    ("", ""),
+])
+def test_normalize_answer_is_squad(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("The answer is August 25, 1963.", "August 25, 1963"),
+    ("the ANSWER is: Paris", "Paris"),
+    ("So the answer is 3. Wait, the answer is Rome.", "Rome"),  # last occurrence wins
+    ("The answer is Paris.\nQuestion: Where is Rome?\nThe", "Paris"),  # kept generating
+    ("The answer is\n  Washington, D.C.", "Washington, D.C"),  # one full stop only
+    ("Paris", "Paris"),  # no prefix: the whole text
+    ("  Paris.  ", "Paris"),
+    ("The answer is", ""),
+    ("", ""),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_extract_answer_custom_or_no_prefix():
+    assert extract_answer("Answer: 1963, in Ohio.", prefix="answer") == "1963, in Ohio"
+    assert extract_answer("The answer is Paris.", prefix=None) == "The answer is Paris"
+
+
+def test_date_with_comma_is_not_truncated():
+    # The reference evaluation cuts at the first comma and would score "August 25".
+    pred = extract_answer("The answer is August 25, 1963.")
+    assert exact_match(pred, ["August 25, 1963"]) == 1.0
+    assert f1_score(pred, ["August 25, 1963"]) == 1.0
+    assert f1_score("August 25", ["August 25, 1963"]) == pytest.approx(0.8)  # P=1, R=2/3
+
+
+def test_reordered_tokens_give_full_f1_but_no_em():
+    assert exact_match("August 25, 1963", ["25 August 1963"]) == 0.0
+    assert f1_score("August 25, 1963", ["25 August 1963"]) == 1.0
+
+
+def test_articles_and_punctuation_do_not_matter():
+    assert exact_match("the Beatles!", ["Beatles"]) == 1.0
+    assert exact_match("An Apple.", ["apple"]) == 1.0
+
+
+def test_partial_overlap_f1():
+    # pred tokens {edward, cahn}, gold {edward, l, cahn}: P = 1, R = 2/3 → F1 = 0.8
+    assert f1_score("Edward Cahn", ["Edward L. Cahn"]) == pytest.approx(0.8)
+    # pred {john, smith, jr}, gold {john, smith}: P = 2/3, R = 1 → F1 = 0.8
+    assert f1_score("John Smith Jr", ["John Smith"]) == pytest.approx(0.8)
+    # repeated tokens count once per occurrence: P = 1/3, R = 1 → F1 = 0.5
+    assert f1_score("paris paris paris", ["Paris"]) == pytest.approx(0.5)
+    assert f1_score("London", ["Paris"]) == 0.0
+
+
+def test_max_over_aliases():
+    golds = ["United States of America", "USA", "United States"]
+    assert exact_match("U.S.A.", golds) == 1.0
+    assert f1_score("the United States", golds) == 1.0
+    # best alias: "United States of America" gives P=1, R=3/4 → 6/7; "United States" R=2/3
+    assert f1_score("America states united", golds) == pytest.approx(6 / 7)
+
+
+def test_yes_no_get_no_partial_credit():
+    assert exact_match("Yes.", ["yes"]) == 1.0
+    assert f1_score("Yes.", ["yes"]) == 1.0
+    assert f1_score("no", ["yes"]) == 0.0
+    assert f1_score("yes no", ["no"]) == 0.0  # gold is special: only an exact match counts
+    assert f1_score("no", ["yes no"]) == 0.0  # prediction is special
+    assert f1_score("noanswer", ["no answer"]) == 0.0
+    assert f1_score("no, they are not", ["no"]) == 0.0
+
+
+def test_empty_prediction():
+    assert exact_match("", ["Paris"]) == 0.0
+    assert f1_score("", ["Paris"]) == 0.0
+    assert f1_score(extract_answer("The answer is"), ["Paris"]) == 0.0
+    # a gold that normalises to nothing is matched only by a prediction that does too
+    assert f1_score("", ["The"]) == 1.0
+    assert f1_score("Paris", ["The"]) == 0.0
+
+
+def test_gold_answers_must_be_a_non_empty_list():
+    with pytest.raises(TypeError, match="list of strings"):
+        exact_match("Paris", "Paris")
+    with pytest.raises(ValueError, match="no gold answers"):
+        f1_score("Paris", [])
+
+
+def test_score_means():
+    result = score(["Paris", "Edward Cahn", "no", ""],
+                   [["Paris"], ["Edward L. Cahn"], ["yes"], ["Rome", "Roma"]])
+    assert result["n"] == 4
+    assert result["em"] == pytest.approx(1 / 4)
+    assert result["f1"] == pytest.approx((1 + 0.8 + 0 + 0) / 4)
+    assert set(result) == {"em", "f1", "n"}
+    assert isinstance(result["em"], float) and isinstance(result["f1"], float)
+
+
+def test_score_edges():
+    assert score([], []) == {"em": 0.0, "f1": 0.0, "n": 0}
+    with pytest.raises(ValueError, match="2 predictions but 1 answer lists"):
+        score(["a", "b"], [["a"]])
