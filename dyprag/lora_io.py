@@ -16,7 +16,6 @@ and ``B = diag(B_gate, B_up)``, with ``rank_pattern``/``alpha_pattern`` keeping 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dyprag.files import atomic_write_json, read_json
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import MODULES
@@ -33,32 +33,12 @@ WEIGHTS = "lora.safetensors"
 META = "meta.json"
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
                          metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp),
               metadata=metadata)
     os.replace(tmp, path)
-
-
-def read_json(path: Path) -> dict:
-    """Read a JSON object, with one-line errors naming the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
-    return data
 
 
 def save_lora(lora: LoRA, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:

