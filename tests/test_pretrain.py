@@ -1,0 +1,72 @@
+"""dyprag.pretrain: tokenizer, training sequences, and the cached base model round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dyprag.models import load_model
+from dyprag.pretrain import build_tokenizer, collate, pretrain_base, pretraining_texts
+from dyprag.world import generate_world, load_schema
+from test_world import CONFIG
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+            epochs=1, batch_size=8, reading_examples=40, warmup_steps=2)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    schema = load_schema(CONFIG)
+    schema["splits"] = {"pretrain": 10, "train": 4, "test": 3}
+    return generate_world(schema, tmp_path_factory.mktemp("world"))
+
+
+def test_word_tokenizer_round_trips_world_text():
+    tok = build_tokenizer(["Idris Kael was born in Velmora.", "Question: Where? Answer:"])
+    ids = tok("Idris Kael was born in Velmora.", add_special_tokens=False)["input_ids"]
+    assert tok.unk_token_id not in ids
+    assert tok.decode(ids) == "Idris Kael was born in Velmora ."
+    assert tok("Velmora </s>", add_special_tokens=False)["input_ids"][-1] == tok.eos_token_id
+
+
+def test_reading_sequences_ask_about_what_the_passages_say(world):
+    examples = pretraining_texts(world, reading=30, max_passages=3, questions_per_context=2,
+                                 seed=0)
+    reading = [e for e in examples if e[0][0].startswith("Passage:")]
+    assert len(reading) == 30
+    for segments in reading:
+        context = segments[0][0]
+        for (_, _), (answer, trained) in zip(segments[1::2], segments[2::2]):
+            assert trained and answer.split()[0] in context
+
+
+def test_collate_trains_only_marked_segments():
+    tok = build_tokenizer(["a b c d e"])
+    batch = collate(tok, [[("a b", False), (" c", True)], [("d", True)]])
+    assert batch["labels"].tolist() == [[-100, -100, tok.convert_tokens_to_ids("c")],
+                                         [tok.convert_tokens_to_ids("d"), -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_pretrained_base_saves_loads_and_is_cached(world, tmp_path):
+    out = pretrain_base(world, tmp_path / "base", **TINY)
+    meta = json.loads((out / "pretrain.json").read_text())
+    assert meta["steps"] > 0 and meta["config"]["hidden_size"] == 32
+    model, tokenizer = load_model(out)
+    ids = tokenizer("Question: Where was Idris born? Answer:", return_tensors="pt",
+                    add_special_tokens=False)["input_ids"]
+    logits = model(ids).logits
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    again = pretrain_base(world, tmp_path / "base", **TINY)
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp, "cache hit retrains"
+    reloaded, _ = load_model(again)
+    assert_close(reloaded(ids).logits, logits)
+    assert torch.isfinite(logits).all()
+
+
+def test_unknown_option_is_refused(world, tmp_path):
+    with pytest.raises(ValueError, match=r"unknown pretraining options \['hiden_size'\]"):
+        pretrain_base(world, tmp_path / "base", hiden_size=3)
