@@ -14,7 +14,7 @@ from dyprag.world import generate_world, load_schema
 from test_world import CONFIG
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-            epochs=1, batch_size=8, reading_examples=40, warmup_steps=2)
+            epochs=1, batch_size=8, reading_single=30, reading_multi=10, warmup_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,11 @@ def test_word_tokenizer_round_trips_world_text():
 
 
 def test_reading_sequences_ask_about_what_the_passages_say(world):
-    examples = pretraining_texts(world, reading=30, max_passages=3, questions_per_context=2,
-                                 seed=0)
+    examples = pretraining_texts(world, single=20, multi=10, max_passages=3,
+                                 questions_per_context=2, seed=0)
     reading = [e for e in examples if e[0][0].startswith("Passage:")]
     assert len(reading) == 30
+    assert [e[0][0].count("Passage:") for e in reading[:20]] == [1] * 20, "single stage first"
     for segments in reading:
         context = segments[0][0]
         for (_, _), (answer, trained) in zip(segments[1::2], segments[2::2]):
