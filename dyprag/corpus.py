@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from dyprag.files import iter_json_lines
+
 FORMATS = ("jsonl", "tsv")
 _CHUNK = 1 << 20  # bytes read at a time when hashing or counting
 
@@ -72,16 +74,7 @@ def _open_text(path: Path) -> IO[str]:
 
 def _iter_jsonl(path: Path) -> Iterator[Passage]:
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(  # noqa: TRY004 -- bad data in a file, not a bad argument
-                    f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        for lineno, row in iter_json_lines(f, path):
             text = row.get("text")
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: field 'text' must be a string")  # noqa: TRY004

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +51,22 @@ def read_json(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
+
+
+def iter_json_lines(lines: Iterable[str], where: str | os.PathLike,
+                    error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a jsonl stream.
+
+    A line that is not JSON, or not a JSON object, raises ``error`` naming ``where`` and the
+    line number. The caller opens the file (plain, gzip, BOM-aware, ...) and passes its lines.
+    """
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise error(f"{where}:{lineno}: not valid JSON: {err}") from None
+        if not isinstance(obj, dict):
+            raise error(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dyprag.files import iter_json_lines
+
 FORMATS = ("2wqa", "hotpotqa", "popqa", "cwq", "jsonl")
 ALIASES_FILE = "id_aliases.json"
 # Left out of meta: 2WQA / HotpotQA passages are most of the file, and dyprag retrieves its own.
@@ -128,16 +130,7 @@ def _read_json_list(path: Path) -> list[Any]:
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line."""
-    for lineno, line in enumerate(_lines(path), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise QAFormatError(f"{path}:{lineno}: not valid JSON: {err}") from None
-        if not isinstance(obj, dict):
-            raise QAFormatError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-        yield lineno, obj
+    return iter_json_lines(_lines(path), path, error=QAFormatError)
 
 
 def _records(path: Path, limit: int | None) -> list[dict[str, Any]]:
