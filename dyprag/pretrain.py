@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8,
     "intermediate_size": 384, "max_position_embeddings": 512,
     "epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_steps": 200, "weight_decay": 0.01,
-    "reading_single": 32000, "reading_multi": 48000, "questions_per_context": 4,
+    "reading_single": 48000, "reading_multi": 32000, "questions_per_context": 3,
     "max_passages": 3, "seed": 0,
 }
 
@@ -109,7 +110,7 @@ def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: in
             if other.name not in {p.name for p in people}:
                 people.append(other)
         rng.shuffle(people)
-        stage2.append(_reading(people, 0.3, questions_per_context, schema, rng))
+        stage2.append(_reading(people, 0.5, questions_per_context, schema, rng))
     rng.shuffle(stage1)
     rng.shuffle(stage2)
     reading = stage1 + stage2
@@ -167,7 +168,7 @@ def collate(tokenizer, examples: list[Segments]) -> dict[str, torch.Tensor]:
 
 
 class BaseModelPretraining(pl.LightningModule):
-    """Next-token training of a fresh Llama with AdamW, warm-up, constant lr and a cool-down."""
+    """Next-token training of a fresh Llama with AdamW, linear warm-up and cosine decay."""
 
     def __init__(self, model: transformers.PreTrainedModel, lr: float, warmup_steps: int,
                  total_steps: int, weight_decay: float):
@@ -184,13 +185,10 @@ class BaseModelPretraining(pl.LightningModule):
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.wd)
 
         def schedule(step: int) -> float:
-            # Warm-up, constant, then a linear cool-down over the last 20%: with a
-            # curriculum, the late (harder) stage needs the full learning rate that a cosine
-            # would already have decayed.
             if step < self.warmup:
                 return (step + 1) / self.warmup
-            cooldown = int(0.8 * self.total)
-            return 1.0 if step < cooldown else max(0.05, 1 - (step - cooldown) / (self.total - cooldown))
+            progress = (step - self.warmup) / max(1, self.total - self.warmup)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
