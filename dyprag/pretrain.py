@@ -3,12 +3,12 @@
     python -m dyprag.pretrain --world checkpoints/world --out checkpoints/base
 
 No LLM weights can be downloaded here, so the project builds its own base model. It is
-trained (Lightning) on the ``pretrain`` entities only, on three kinds of text:
+trained (Lightning) on two kinds of text, in curriculum order (see ``pretraining_texts``):
 
-- bios and their rewrites (language modelling on every token);
-- questions with passages in context: the entity's bio among distractor bios, at a random
-  position, 1 to 3 passages (learning to *read*; loss on the answer);
-- closed-book questions (learning to *recall* facts held in the weights; loss on the answer).
+- about the ``pretrain`` entities: bios and their rewrites (language modelling on every
+  token) and closed-book questions (learning to *recall*; loss on the answer);
+- about *fresh* entities with random attributes: passages followed by questions (learning
+  to *read*; loss on the answers), first one passage, then several look-alikes.
 
 Train and test entities never appear, so closed-book answers about them are at chance. The
 result is saved with ``save_pretrained`` and loads back with ``dyprag.models.load_model``
@@ -34,8 +34,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
 from dyprag.files import atomic_write_json, read_json
-from dyprag.prompts import qa_prompt
-from dyprag.world import Entity, fresh_entities, load_entities, render
+from dyprag.corpus import iter_corpus
+from dyprag.prompts import passage_context, qa_prompt
+from dyprag.qa import load_qa
+from dyprag.world import SPLITS, Entity, fresh_entities, load_entities, render
 
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
@@ -86,12 +88,10 @@ def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: in
     schema = read_json(world_dir / "schema.json")
     entities = [e for e in load_entities(world_dir) if e["split"] == "pretrain"]
     names = {e["id"] for e in entities}
-    with (world_dir / "corpus.jsonl").open() as f:
-        memory = [[(row["text"], True)] for row in map(json.loads, f) if row["id"] in names]
+    memory = [[(p.text, True)] for p in iter_corpus(world_dir / "corpus.jsonl") if p.id in names]
     memory += [[(r, True)] for e in entities for r in e["rewrites"]]
-    with (world_dir / "qa_pretrain.jsonl").open() as f:
-        memory += [[(qa_prompt(qa["question"]), False), (_answer(qa["answers"][0]), True)]
-                   for qa in map(json.loads, f)]
+    memory += [[(qa_prompt(qa.question), False), (_answer(qa.answers[0]), True)]
+               for qa in load_qa(world_dir / "qa_pretrain.jsonl")]
     pool = fresh_entities(schema, single + multi * max_passages, rng)
     stage1 = [_reading([e], 0.1, 1, schema, rng) for e in pool[:single]]
     by_part: dict[str, list[Entity]] = {}
@@ -125,7 +125,7 @@ def _reading(people: list[Entity], p_full: float, questions: int, schema: dict[s
     """Passages about ``people`` (each all facts with probability ``p_full``, else 1..n of
     them), then ``questions`` questions about what the passages say."""
     shown = [_some_facts(e, p_full, rng) for e in people]
-    context = "".join(f"Passage: {render(e, schema['bio_templates'], rng)} " for e in shown)
+    context = passage_context([render(e, schema["bio_templates"], rng) for e in shown])
     segments: Segments = [(context, False)]
     for q in range(questions):
         entity = rng.choice(shown)
@@ -211,12 +211,8 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) 
     examples = pretraining_texts(world, config["reading_single"], config["reading_multi"],
                                  config["max_passages"], config["questions_per_context"],
                                  config["seed"])
-    with (world / "corpus.jsonl").open() as f:
-        corpus_text = [json.loads(line)["text"] for line in f]
-    all_questions = []
-    for split in ("pretrain", "train", "test"):
-        with (world / f"qa_{split}.jsonl").open() as f:
-            all_questions += [json.loads(line)["question"] for line in f]
+    corpus_text = [p.text for p in iter_corpus(world / "corpus.jsonl")]
+    all_questions = [qa.question for split in SPLITS for qa in load_qa(world / f"qa_{split}.jsonl")]
     tokenizer = build_tokenizer(corpus_text + all_questions
                                 + [text for segments in examples for text, _ in segments])
     model_config = transformers.LlamaConfig(

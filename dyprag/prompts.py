@@ -1,4 +1,4 @@
-"""Prompt formats, and batched greedy answering with an optional active LoRA.
+"""Prompt formats, and batched greedy answering (with whatever LoRA is active).
 
 The synthetic world's base model is pretrained on exactly these formats, so the same
 functions serve pretraining, evaluation and inference:
@@ -16,9 +16,13 @@ from collections.abc import Sequence
 import torch
 
 
+def passage_context(passages: Sequence[str]) -> str:
+    """``"Passage: {p1} Passage: {p2} ... "``: the part of a prompt before the question."""
+    return "".join(f"Passage: {p} " for p in passages)
+
+
 def qa_prompt(question: str, passages: Sequence[str] = ()) -> str:
-    context = "".join(f"Passage: {p} " for p in passages)
-    return f"{context}Question: {question} Answer:"
+    return f"{passage_context(passages)}Question: {question} Answer:"
 
 
 @torch.no_grad()

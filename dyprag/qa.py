@@ -64,6 +64,14 @@ def _where(path: Path, index: int, raw_id: Any = None) -> str:
     return f"{path}: example {index}" + ("" if raw_id is None else f" (id {raw_id!r})")
 
 
+def _record_id(path: Path, index: int, record: dict[str, Any], key: str) -> tuple[str, str]:
+    """``(id, where)`` of a record of a JSON-list file; a record without ``key`` is refused."""
+    where = _where(path, index, record.get(key))
+    if record.get(key) is None:
+        raise QAFormatError(f"{where} has no {key}")
+    return str(record[key]), where
+
+
 def _question(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise QAFormatError(f"{where} has no question")
@@ -194,13 +202,11 @@ def load_2wqa(path: str | os.PathLike, aliases_path: str | os.PathLike | None = 
 
     def examples() -> Iterator[QAExample]:
         for index, r in enumerate(records):
-            where = _where(src, index, r.get("_id"))
-            if r.get("_id") is None:
-                raise QAFormatError(f"{where} has no _id")
+            qid, where = _record_id(src, index, r, "_id")
             answer_id = r.get("answer_id")
             linked = aliases.get(answer_id, []) if isinstance(answer_id, str) else []
             golds = _as_list(r.get("answer")) + linked
-            yield QAExample(str(r["_id"]), _question(r.get("question"), where),
+            yield QAExample(qid, _question(r.get("question"), where),
                             _answers(golds, where), _meta(r, {"_id", "question", "answer"}))
 
     return _collect(examples(), src, limit)
@@ -213,10 +219,8 @@ def load_hotpotqa(path: str | os.PathLike, limit: int | None = None) -> list[QAE
 
     def examples() -> Iterator[QAExample]:
         for index, r in enumerate(_records(src, limit)):
-            where = _where(src, index, r.get("_id"))
-            if r.get("_id") is None:
-                raise QAFormatError(f"{where} has no _id")
-            yield QAExample(str(r["_id"]), _question(r.get("question"), where),
+            qid, where = _record_id(src, index, r, "_id")
+            yield QAExample(qid, _question(r.get("question"), where),
                             _answers(_as_list(r.get("answer")), where),
                             _meta(r, {"_id", "question", "answer"}))
 
@@ -282,15 +286,13 @@ def load_cwq(path: str | os.PathLike, limit: int | None = None) -> list[QAExampl
 
     def examples() -> Iterator[QAExample]:
         for index, r in enumerate(_records(src, limit)):
-            where = _where(src, index, r.get("ID"))
-            if r.get("ID") is None:
-                raise QAFormatError(f"{where} has no ID")
+            qid, where = _record_id(src, index, r, "ID")
             entries = _as_list(r.get("answers"))
             if not all(isinstance(e, dict) for e in entries):
                 raise QAFormatError(f"{where}: answers must be objects with 'answer' and 'aliases'")
             names = [e.get("answer") for e in entries]
             aliases = [a for e in entries for a in _as_list(e.get("aliases"))]
-            yield QAExample(str(r["ID"]), _question(r.get("question"), where),
+            yield QAExample(qid, _question(r.get("question"), where),
                             _answers(names + aliases, where), _meta(r, {"ID", "question", "answers"}))
 
     return _collect(examples(), src, limit)
