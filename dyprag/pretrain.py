@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from dyprag.files import atomic_write_json, read_json
 from dyprag.corpus import iter_corpus
-from dyprag.prompts import passage_context, qa_prompt
+from dyprag.prompts import Segments, collate, passage_context, qa_prompt
 from dyprag.qa import load_qa
 from dyprag.world import SPLITS, Entity, fresh_entities, load_entities, render
 
@@ -47,7 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "intermediate_size": 384, "max_position_embeddings": 512,
     "epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_steps": 200, "weight_decay": 0.01,
     "reading_single": 48000, "reading_multi": 32000, "questions_per_context": 3,
-    "max_passages": 3, "seed": 0,
+    "max_passages": 3, "gold_first": 0.9, "seed": 0,
 }
 
 
@@ -64,12 +64,9 @@ def build_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
         eos_token=SPECIALS["eos"], unk_token=SPECIALS["unk"])
 
 
-Segments = list[tuple[str, bool]]
-"""One training sequence as consecutive (text, trained) pieces: loss on the trained ones."""
-
-
 def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: int,
-                      questions_per_context: int, seed: int) -> list[Segments]:
+                      questions_per_context: int, seed: int,
+                      gold_first: float = 0.0) -> list[Segments]:
     """Every pretraining sequence, in curriculum order.
 
     Bios, rewrites and closed-book questions are about the pretrain entities (facts to
@@ -82,7 +79,13 @@ def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: in
        bios only, one-passage reading stayed at chance for 1,200 steps; with 1..5-sentence
        passages it reached 0.73 on full bios after 3,500 steps);
     2. ``multi`` examples with 1..``max_passages`` passages, half of them full bios, and
-       ``questions_per_context`` questions each: finding the right entity among several.
+       ``questions_per_context`` questions each about one person: finding the right entity
+       among several. Passages come in a retriever's order: the person asked about is first
+       with probability ``gold_first`` (a retriever's precision at 1), elsewhere otherwise.
+
+    Reading questions use both the test phrasings (``question_templates``) and the
+    augmentation phrasings (``augment_question_templates``): the base model should understand
+    the language of both, so that knowledge injected with one is asked for with the other.
     """
     rng = random.Random(seed)
     schema = read_json(world_dir / "schema.json")
@@ -109,8 +112,14 @@ def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: in
             other = rng.choice(look_alikes if rng.random() < 0.7 else pool[single:])
             if other.name not in {p.name for p in people}:
                 people.append(other)
-        rng.shuffle(people)
-        stage2.append(_reading(people, 0.5, questions_per_context, schema, rng))
+        if rng.random() < gold_first:
+            rest = people[1:]
+            rng.shuffle(rest)
+            people = [first, *rest]
+        else:
+            rng.shuffle(people)
+        stage2.append(_reading(people, 0.5, questions_per_context, schema, rng,
+                               about=people.index(first)))
     rng.shuffle(stage1)
     rng.shuffle(stage2)
     reading = stage1 + stage2
@@ -121,16 +130,18 @@ def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: in
 
 
 def _reading(people: list[Entity], p_full: float, questions: int, schema: dict[str, Any],
-             rng: random.Random) -> Segments:
+             rng: random.Random, about: int | None = None) -> Segments:
     """Passages about ``people`` (each all facts with probability ``p_full``, else 1..n of
-    them), then ``questions`` questions about what the passages say."""
+    them), then ``questions`` questions about what the passages say (about ``people[about]``,
+    or each about anyone shown when ``about`` is None)."""
     shown = [_some_facts(e, p_full, rng) for e in people]
     context = passage_context([render(e, schema["bio_templates"], rng) for e in shown])
     segments: Segments = [(context, False)]
     for q in range(questions):
-        entity = rng.choice(shown)
+        entity = rng.choice(shown) if about is None else shown[about]
         attr = rng.choice(list(entity.attributes))
-        question = rng.choice(schema["question_templates"][attr]).format(name=entity.name)
+        phrasings = schema["question_templates"][attr] + schema["augment_question_templates"][attr]
+        question = rng.choice(phrasings).format(name=entity.name)
         segments += [(("" if q == 0 else " ") + f"Question: {question} Answer:", False),
                      (_answer(entity.attributes[attr]), True)]
     return segments
@@ -147,24 +158,6 @@ def _some_facts(entity: Entity, p_full: float, rng: random.Random) -> Entity:
         return entity
     kept = rng.sample(attrs, rng.randint(1, len(attrs)))
     return dataclasses.replace(entity, attributes={a: entity.attributes[a] for a in kept})
-
-
-def collate(tokenizer, examples: list[Segments]) -> dict[str, torch.Tensor]:
-    """Right-padded ids; labels are -100 outside trained segments and on padding."""
-    rows, labels = [], []
-    for segments in examples:
-        row, label = [], []
-        for text, trained in segments:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            row += ids
-            label += ids if trained else [-100] * len(ids)
-        rows.append(row)
-        labels.append(label)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-    return {"input_ids": ids, "attention_mask": (ids != pad).long(), "labels": lab}
 
 
 class BaseModelPretraining(pl.LightningModule):
@@ -210,7 +203,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) 
     pl.seed_everything(config["seed"], verbose=False)
     examples = pretraining_texts(world, config["reading_single"], config["reading_multi"],
                                  config["max_passages"], config["questions_per_context"],
-                                 config["seed"])
+                                 config["seed"], config["gold_first"])
     corpus_text = [p.text for p in iter_corpus(world / "corpus.jsonl")]
     all_questions = [qa.question for split in SPLITS for qa in load_qa(world / f"qa_{split}.jsonl")]
     tokenizer = build_tokenizer(corpus_text + all_questions

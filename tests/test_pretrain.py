@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from dyprag.models import load_model
-from dyprag.pretrain import build_tokenizer, collate, pretrain_base, pretraining_texts
+from dyprag.pretrain import build_tokenizer, pretrain_base, pretraining_texts
+from dyprag.prompts import collate
 from dyprag.world import generate_world, load_schema
 from test_world import CONFIG
 
@@ -44,12 +45,34 @@ def test_reading_sequences_ask_about_what_the_passages_say(world):
             assert trained and answer.split()[0] in context
 
 
+def test_multi_passage_questions_follow_a_retrievers_order(world):
+    schema = json.loads((world / "schema.json").read_text())
+    names = [f"{f} {last}" for f in schema["names"]["first"] for last in schema["names"]["last"]]
+    examples = pretraining_texts(world, single=0, multi=40, max_passages=3,
+                                 questions_per_context=2, seed=0, gold_first=1.0)
+    reading = [e for e in examples if e[0][0].startswith("Passage:")]
+    assert len(reading) == 40 and any(e[0][0].count("Passage:") > 1 for e in reading)
+    for segments in reading:
+        first_passage = segments[0][0].split("Passage: ")[1]
+        for question, _ in segments[1::2]:
+            asked = [n for n in names if n in question]
+            assert len(asked) == 1 and asked[0] in first_passage, (question, first_passage)
+
+
 def test_collate_trains_only_marked_segments():
     tok = build_tokenizer(["a b c d e"])
     batch = collate(tok, [[("a b", False), (" c", True)], [("d", True)]])
     assert batch["labels"].tolist() == [[-100, -100, tok.convert_tokens_to_ids("c")],
                                          [tok.convert_tokens_to_ids("d"), -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_collate_masks_by_length_when_pad_is_eos():
+    tok = build_tokenizer(["a b"])
+    tok.pad_token = tok.eos_token
+    batch = collate(tok, [[("a", False), (" b </s>", True)], [("a", True)]])
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"][0, 2] == tok.eos_token_id
 
 
 def test_pretrained_base_saves_loads_and_is_cached(world, tmp_path):

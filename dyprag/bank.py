@@ -1,0 +1,428 @@
+"""The LoRA bank: one FFN LoRA per document (PRAG), trained many documents per step.
+
+    python -m dyprag.bank --world checkpoints/world --base checkpoints/base --out checkpoints/bank
+
+PRAG trains each document's LoRA alone, at batch 1. Here row ``b`` of every batch is a
+different document and goes through that document's own LoRA (per-sample injection), so one
+forward/backward trains ``docs_per_step`` LoRAs. Each document's result equals training it
+alone with the same recipe, because
+
+- the loss is the **sum** over rows of each row's mean token loss, so each LoRA's gradient is
+  exactly its own document's gradient;
+- step ``j`` holds example ``j`` of every document of the group (documents are grouped by
+  their number of examples), and AdamW's state is elementwise, so no LoRA's update depends
+  on another row.
+
+On disk (DESIGN.md §5)::
+
+    out/shard-00000.safetensors   A.<layer>.<module> (n, r, in), B.<layer>.<module> (n, out, r)
+    out/index.json                {doc_id: [shard, row]}
+    out/meta.json                 base model, shapes, rank, alpha, config (written last)
+    out/progress.json             the run's fingerprint (for resuming)
+
+Shards are written atomically; a killed run resumes and skips finished shards. With
+``torch.distributed`` initialised, shard ``s`` is trained by rank ``s % world_size``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from dyprag.augment import AugmentedDoc
+from dyprag.files import atomic_write_json, read_json
+from dyprag.inject import inject_lora
+from dyprag.lora import LoRA, Key, combine
+from dyprag.lora_io import load_lora, save_lora
+from dyprag.prompts import Segments, answer_target, collate, qa_prompt
+
+FORMAT = "dyprag-bank"
+
+
+@dataclass(frozen=True)
+class BankConfig:
+    """How each document's LoRA is trained. Defaults are PRAG's (DESIGN.md §4)."""
+
+    rank: int = 2
+    alpha: float = 32.0
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    epochs: int = 1
+    docs_per_step: int = 32
+    shard_size: int = 256
+    # Training examples per document: the first ``qa_with_passage`` QA pairs asked with the
+    # passage (and again with each rewrite) in the prompt, the last ``qa_closed_book`` asked
+    # with no passage (the two overlap when they add up to more than the document's pairs),
+    # and optionally the passage and rewrites themselves as plain text (language modelling).
+    qa_with_passage: int = 2
+    qa_closed_book: int = 1
+    text: bool = False
+    loss_on: str = "answer"  # "answer": loss on answer tokens; "all": on every token
+    # "shared": every LoRA starts from one seeded init (A random, B zero), as PRAG does;
+    # "warmup": from a LoRA first trained briefly on many documents (PRAG's ablation).
+    init: str = "shared"
+    warmup_docs: int = 64
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"rank must be ≥ 1, got {self.rank}")
+        if self.loss_on not in ("answer", "all"):
+            problems.append(f"loss_on must be 'answer' or 'all', got {self.loss_on!r}")
+        if self.init not in ("shared", "warmup"):
+            problems.append(f"init must be 'shared' or 'warmup', got {self.init!r}")
+        for name in ("epochs", "docs_per_step", "shard_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be ≥ 1, got {getattr(self, name)}")
+        if problems:
+            raise ValueError("bank config: " + "; ".join(problems))
+
+
+# The synthetic world's recipe: its tiny base model needs far more steps than PRAG's one
+# epoch at lr 3e-4 to take in a document. Measured with the gold document's LoRA on 300 test
+# questions (bench/world_baselines.py's base model): 1 epoch at lr 1e-2, rank 2 → F1 0.15;
+# 80 epochs at 3e-2, rank 8, closed-book QA only → 0.57; plus the texts themselves → 0.62.
+WORLD_BANK = BankConfig(rank=8, alpha=32.0, lr=3e-2, epochs=80, qa_with_passage=0,
+                        qa_closed_book=10, text=True, docs_per_step=128)
+
+
+def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer) -> list[Segments]:
+    """A document's training sequences (PRAG: 2 QA × {passage, rewrite} + 1 closed-book)."""
+    texts = [doc.text, *doc.rewrites]
+    with_passage = doc.qa[:config.qa_with_passage]
+    closed = doc.qa[len(doc.qa) - min(config.qa_closed_book, len(doc.qa)):]
+    examples: list[Segments] = []
+    if config.text:
+        examples += [[(t + (tokenizer.eos_token or ""), True)] for t in texts]
+    for qa in with_passage:
+        examples += [[(qa_prompt(qa["question"], [t]), False),
+                      (answer_target(qa["answer"], tokenizer), True)] for t in texts]
+    examples += [[(qa_prompt(qa["question"]), False),
+                  (answer_target(qa["answer"], tokenizer), True)] for qa in closed]
+    if config.loss_on == "all":
+        examples = [[(text, True) for text, _ in ex] for ex in examples]
+    return examples
+
+
+def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss of each row over its labelled tokens, ``(N,)``.
+
+    Logits are computed only from the first position whose next token is labelled in some
+    row (the answers), not over whole prompts: with a real vocabulary the output head is
+    most of the cost of a short sequence.
+    """
+    labels = batch["labels"]  # (N, T)
+    labelled = (labels[:, 1:] != -100).any(0).nonzero()
+    start = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=labels.shape[1] - start).logits  # (N, T - start, V)
+    targets = labels[:, start + 1:]  # (N, T - start - 1)
+    tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                             ignore_index=-100, reduction="none")
+    return tokens.sum(1) / (targets != -100).sum(1).clamp_min(1)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: LoRA,
+                lr: float, epochs: int, weight_decay: float = 0.0) -> tuple[LoRA, torch.Tensor]:
+    """Train one LoRA per document from ``init`` (unbatched); returns them batched and each
+    document's mean loss over its last epoch. Every document needs the same number of
+    examples: step ``j`` holds example ``j`` of each."""
+    counts = {len(ex) for ex in examples}
+    assert len(counts) == 1, f"documents of one group need equal example counts, got {counts}"
+    injection = inject_lora(model)
+    device = next(model.parameters()).device
+    n = len(examples)
+    lora = LoRA.stack([init] * n).map(lambda t: t.detach().clone().float().to(device)
+                                      .requires_grad_(True))
+    optimizer = torch.optim.AdamW([t for _, a, b in lora.items() for t in (a, b)], lr=lr,
+                                  weight_decay=weight_decay)
+    steps = counts.pop()
+    last = torch.zeros(n)
+    for _ in range(epochs):
+        last.zero_()
+        for j in range(steps):
+            batch = collate(tokenizer, [ex[j] for ex in examples])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with injection.use(lora), _autocast(device):
+                losses = row_losses(model, batch)  # (n,)
+            if not torch.isfinite(losses).all():
+                bad = int((~torch.isfinite(losses)).nonzero()[0])
+                raise FloatingPointError(f"non-finite loss for document row {bad} at step {j}")
+            optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            optimizer.step()
+            last += losses.detach().cpu()
+        last /= steps
+    return lora.detach(), last
+
+
+def _fingerprint(docs: Sequence[AugmentedDoc], config: BankConfig, base_model: str,
+                 shapes: dict[Key, tuple[int, int]]) -> str:
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(config), base_model,
+                                   sorted((f"{k[0]}.{k[1]}", v) for k, v in shapes.items())],
+                                  sort_keys=True).encode())
+    for doc in docs:
+        h.update(json.dumps(doc.to_json(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if _distributed()[1] > 1:
+        torch.distributed.barrier()
+
+
+def _shared_init(shapes: dict[Key, tuple[int, int]], config: BankConfig) -> LoRA:
+    """PRAG's init: A ~ Kaiming-uniform (as nn.Linear), B = 0, so ΔW starts at 0."""
+    g = torch.Generator().manual_seed(config.seed)
+    zeros = LoRA.zeros(shapes, config.rank, config.alpha)
+    A = {k: torch.rand(a.shape, generator=g).mul_(2).sub_(1).mul_(a.shape[-1] ** -0.5)
+         for k, a, _ in zeros.items()}
+    return LoRA(A, zeros.B, config.alpha)
+
+
+def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Path,
+               config: BankConfig = BankConfig(), base_model: str = "",
+               progress: bool = True) -> Path:
+    """Train (or resume, or reuse) the bank of ``docs`` in ``out_dir``; returns ``out_dir``."""
+    out = Path(out_dir)
+    rank, world = _distributed()
+    injection = inject_lora(model)
+    shapes = injection.shapes
+    docs = [d for d in docs if d.qa or (config.text and d.text)]
+    if not docs:
+        raise ValueError("no document has training examples (every augmentation failed?)")
+    key = _fingerprint(docs, config, base_model, shapes)
+    meta_path = out / "meta.json"
+    if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
+        return out
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        progress_path = out / "progress.json"
+        if not progress_path.is_file() or read_json(progress_path).get("fingerprint") != key:
+            # Another run's shards (other documents or config): start over.
+            for stale in [*out.glob("shard-*.safetensors"), meta_path, out / "index.json"]:
+                stale.unlink(missing_ok=True)
+            for stale in (out / "warmup").glob("*"):
+                stale.unlink()
+            atomic_write_json(progress_path, {"fingerprint": key})
+    _barrier()
+
+    examples = [document_examples(d, config, tokenizer) for d in docs]
+    init = _warmup_init(model, tokenizer, examples, out / "warmup", config, shapes, rank) \
+        if config.init == "warmup" else _shared_init(shapes, config)
+    shards = [list(range(s, min(s + config.shard_size, len(docs))))
+              for s in range(0, len(docs), config.shard_size)]
+    mine = [s for s in range(len(shards)) if s % world == rank]
+    todo = [s for s in mine if not _shard_path(out, s).is_file()]
+    start = time.perf_counter()
+    with tqdm(total=sum(len(shards[s]) for s in todo), desc=f"bank (rank {rank})", unit="doc",
+              disable=not progress) as bar:
+        for s in todo:
+            _train_shard(model, tokenizer, [docs[i] for i in shards[s]],
+                         [examples[i] for i in shards[s]], init, config, _shard_path(out, s), bar)
+    seconds = time.perf_counter() - start
+    _barrier()
+    if rank == 0:
+        index, losses = {}, []
+        for s in range(len(shards)):
+            with safe_open(_shard_path(out, s), "pt") as f:
+                shard_meta = f.metadata()
+            ids = json.loads(shard_meta["doc_ids"])
+            losses += json.loads(shard_meta["loss"])
+            index.update({doc_id: [s, row] for row, doc_id in enumerate(ids)})
+        atomic_write_json(out / "index.json", index)
+        atomic_write_json(meta_path, {
+            "format": FORMAT, "fingerprint": key, "base_model": base_model,
+            "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in shapes.items()},
+            "rank": config.rank, "alpha": config.alpha, "dtype": "float32",
+            "documents": len(docs), "shards": len(shards), "config": dataclasses.asdict(config),
+            "mean_final_loss": sum(losses) / len(losses), "train_seconds": round(seconds, 2)})
+    _barrier()
+    return out
+
+
+def _shard_path(out: Path, shard: int) -> Path:
+    return out / f"shard-{shard:05d}.safetensors"
+
+
+def _train_shard(model, tokenizer, docs: list[AugmentedDoc], examples: list[list[Segments]],
+                 init: LoRA, config: BankConfig, path: Path, bar: tqdm) -> None:
+    """Train the documents of one shard, in groups of equal example count, and save them."""
+    rows: list[LoRA | None] = [None] * len(docs)
+    losses = [0.0] * len(docs)
+    by_count: dict[int, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_count.setdefault(len(ex), []).append(i)
+    for members in by_count.values():
+        for g in range(0, len(members), config.docs_per_step):
+            group = members[g:g + config.docs_per_step]
+            lora, loss = train_loras(model, tokenizer, [examples[i] for i in group], init,
+                                     config.lr, config.epochs, config.weight_decay)
+            lora = lora.to("cpu")
+            for row, i in enumerate(group):
+                rows[i], losses[i] = lora[row], float(loss[row])
+            bar.update(len(group))
+            bar.set_postfix(loss=f"{sum(loss.tolist()) / len(group):.3f}")
+    stacked = LoRA.stack(rows)
+    tensors = {}
+    for (layer, module), a, b in stacked.items():
+        tensors[f"A.{layer}.{module}"] = a.contiguous()
+        tensors[f"B.{layer}.{module}"] = b.contiguous()
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"doc_ids": json.dumps([d.doc_id for d in docs]),
+                                           "loss": json.dumps(losses)})
+    os.replace(tmp, path)
+
+
+def _warmup_init(model, tokenizer, examples: list[list[Segments]], path: Path,
+                 config: BankConfig, shapes: dict[Key, tuple[int, int]], rank: int) -> LoRA:
+    """One LoRA trained on the first ``warmup_docs`` documents (a batch of all of them per
+    step, one shared LoRA), starting from the shared init; cached in ``path``."""
+    if (path / "meta.json").is_file():
+        return load_lora(path)[0]
+    pool = examples[:config.warmup_docs]
+    steps = min(len(ex) for ex in pool)
+    injection = inject_lora(model)
+    device = next(model.parameters()).device
+    lora = _shared_init(shapes, config).map(lambda t: t.to(device).requires_grad_(True))
+    optimizer = torch.optim.AdamW([t for _, a, b in lora.items() for t in (a, b)],
+                                  lr=config.warmup_lr, weight_decay=config.weight_decay)
+    for _ in range(config.warmup_epochs):
+        for j in range(steps):
+            batch = {k: v.to(device) for k, v in collate(tokenizer, [ex[j] for ex in pool]).items()}
+            with injection.use(lora), _autocast(device):
+                loss = row_losses(model, batch).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    lora = lora.detach().to("cpu")
+    if rank == 0:
+        save_lora(lora, path)
+    return lora
+
+
+class LoRABank:
+    """Read access to a bank written by ``build_bank``.
+
+    With ``base_model`` and/or ``shapes`` (``{(layer, module): (in, out)}``, e.g.
+    ``inject_lora(model).shapes``), refuse a bank trained for another model.
+    """
+
+    def __init__(self, path: str | Path, base_model: str | None = None,
+                 shapes: dict[Key, tuple[int, int]] | None = None):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{self.path} is not a finished LoRA bank (no meta.json)")
+        self.meta = read_json(meta_path)
+        if self.meta.get("format") != FORMAT:
+            raise ValueError(f"{meta_path}: format is {self.meta.get('format')!r}, "
+                             f"expected {FORMAT!r}")
+        if base_model is not None and self.meta["base_model"] != base_model:
+            raise ValueError(f"bank {self.path} was trained for base model "
+                             f"{self.meta['base_model']!r}, not {base_model!r}")
+        if shapes is not None:
+            mine, saved = {f"{k[0]}.{k[1]}": list(v) for k, v in shapes.items()}, self.meta["shapes"]
+            diff = next((k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)),
+                        None)
+            if diff is not None:
+                raise ValueError(f"bank {self.path} was trained for a model with other FFN "
+                                 f"shapes: layer.module {diff} is (in, out) {saved.get(diff)} in "
+                                 f"the bank but {mine.get(diff)} in the model")
+        self.index: dict[str, list[int]] = read_json(self.path / "index.json")
+        self._files: dict[int, Any] = {}
+
+    @property
+    def rank(self) -> int:
+        return self.meta["rank"]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, doc_id: str) -> bool:
+        return doc_id in self.index
+
+    def _file(self, shard: int):
+        if shard not in self._files:
+            self._files[shard] = safe_open(_shard_path(self.path, shard), "pt")
+        return self._files[shard]
+
+    def get(self, doc_ids: Sequence[str]) -> LoRA:
+        """The LoRAs of ``doc_ids``, batched in that order: factors ``(k, r, in)``, ``(k, out, r)``."""
+        missing = [d for d in doc_ids if d not in self.index]
+        if missing:
+            raise KeyError(f"documents {missing[:5]} are not in the bank {self.path}")
+        A, B = {}, {}
+        for name in self.meta["shapes"]:
+            layer, module = name.split(".")
+            key = (int(layer), module)
+            rows_a, rows_b = [], []
+            for doc_id in doc_ids:
+                shard, row = self.index[doc_id]
+                f = self._file(shard)
+                rows_a.append(f.get_slice(f"A.{name}")[row])
+                rows_b.append(f.get_slice(f"B.{name}")[row])
+            A[key], B[key] = torch.stack(rows_a), torch.stack(rows_b)
+        return LoRA(A, B, self.meta["alpha"])
+
+    def combined(self, hits: Sequence[Sequence[str]]) -> LoRA:
+        """PRAG's knowledge for each question: the sum of the deltas of its retrieved documents
+        (rank concatenation), batched over questions: ``(N, k·r, in)``, ``(N, out, k·r)``."""
+        per_question = []
+        for doc_ids in hits:
+            loras = self.get(doc_ids)
+            per_question.append(combine([loras[i] for i in range(len(doc_ids))]))
+        return LoRA.stack(per_question)
+
+
+def main() -> None:
+    from dyprag.augment import TemplateAugmenter, augment_corpus, read_augmented
+    from dyprag.corpus import iter_corpus
+    from dyprag.models import load_model
+
+    parser = argparse.ArgumentParser(description="Train the LoRA bank of the synthetic world.")
+    parser.add_argument("--world", default="checkpoints/world")
+    parser.add_argument("--base", default="checkpoints/base")
+    parser.add_argument("--out", default="checkpoints/bank")
+    args = parser.parse_args()
+    world = Path(args.world)
+    augment_corpus(iter_corpus(world / "corpus.jsonl"), TemplateAugmenter(world),
+                   world / "augmented.jsonl")
+    model, tokenizer = load_model(args.base)
+    build_bank(model, tokenizer, read_augmented(world / "augmented.jsonl"), args.out,
+               WORLD_BANK, base_model=str(args.base))
+    print(json.dumps(read_json(Path(args.out) / "meta.json")))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""The parameter translator: a hypernetwork from a document embedding to FFN LoRA weights.
+
+    emb (N, D) ──► per (layer, module): A (N, r, in), B (N, out, r) ──► LoRA (scaling α/r)
+
+Two architectures (DESIGN.md §3):
+
+- ``per_layer`` (DyPRAG's): one 2-layer MLP ``D → hidden → r·(in + out)`` per (layer,
+  module), hidden width 32 by default. Its parameter count grows with layers × modules.
+- ``shared``: one trunk MLP over ``[emb; layer embedding; module embedding]`` shared by
+  every target, then one output head per module type (gate, up, down). Far smaller: the big
+  output heads exist 3 times instead of 3 × layers times.
+
+The B half of every output head starts at zero, so the first generated deltas ``s·BA`` are
+exactly zero (the model starts as the base model), while A starts random so gradients reach
+B. The generated LoRA carries the bank's alpha and rank, hence the same scaling as the
+teacher (DyPRAG's reference code drops the scaling from generated deltas; we do not).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from dyprag.files import atomic_write_json, read_json
+from dyprag.lora import Key, LoRA
+from dyprag.models import MODULES
+
+ARCHITECTURES = ("per_layer", "shared")
+
+
+def _head(hidden: int, rank: int, in_features: int, out_features: int) -> nn.Linear:
+    """``hidden → r·in + out·r``, with the B part zeroed (ΔW = 0 at initialisation)."""
+    head = nn.Linear(hidden, rank * (in_features + out_features))
+    with torch.no_grad():
+        head.weight[rank * in_features:].zero_()
+        head.bias.zero_()
+    return head
+
+
+class ParameterTranslator(nn.Module):
+    """Embeddings ``(N, embed_dim)`` → a batched LoRA for every target in ``shapes``.
+
+    ``shapes``: ``{(layer, module): (in_features, out_features)}``, e.g.
+    ``inject_lora(model).shapes``. ``alpha`` and ``rank`` should be the bank's.
+    """
+
+    def __init__(self, shapes: Mapping[Key, tuple[int, int]], embed_dim: int, rank: int,
+                 alpha: float, architecture: str = "per_layer", hidden: int = 32,
+                 target_embed_dim: int = 32):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        if rank < 1 or embed_dim < 1 or hidden < 1:
+            raise ValueError(f"rank, embed_dim and hidden must be ≥ 1, got {rank}, "
+                             f"{embed_dim}, {hidden}")
+        self.shapes = dict(shapes)
+        self.keys = sorted(self.shapes, key=lambda k: (k[0], MODULES.index(k[1])))
+        self.embed_dim, self.rank, self.alpha = embed_dim, rank, float(alpha)
+        self.architecture, self.hidden = architecture, hidden
+        self.target_embed_dim = target_embed_dim
+        if architecture == "per_layer":
+            self.mlps = nn.ModuleDict({
+                f"{layer}_{module}": nn.Sequential(
+                    nn.Linear(embed_dim, hidden), nn.ReLU(),
+                    _head(hidden, rank, *self.shapes[(layer, module)]))
+                for layer, module in self.keys})
+        else:
+            modules = sorted({m for _, m in self.keys}, key=MODULES.index)
+            for m in modules:
+                sizes = {self.shapes[k] for k in self.keys if k[1] == m}
+                if len(sizes) > 1:
+                    raise ValueError(f"the shared translator needs one shape per module type; "
+                                     f"{m} has {sorted(sizes)}")
+            layers = sorted({layer for layer, _ in self.keys})
+            self.layer_index = {layer: i for i, layer in enumerate(layers)}
+            self.module_index = {m: i for i, m in enumerate(modules)}
+            self.layer_embed = nn.Embedding(len(layers), target_embed_dim)
+            self.module_embed = nn.Embedding(len(modules), target_embed_dim)
+            self.trunk = nn.Sequential(nn.Linear(embed_dim + 2 * target_embed_dim, hidden),
+                                       nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+            self.heads = nn.ModuleDict({
+                m: _head(hidden, rank, *next(self.shapes[k] for k in self.keys if k[1] == m))
+                for m in modules})
+
+    def forward(self, emb: Tensor) -> LoRA:
+        if emb.dim() != 2 or emb.shape[1] != self.embed_dim:
+            raise ValueError(f"embeddings must be (N, {self.embed_dim}), got {tuple(emb.shape)}")
+        n, r = emb.shape[0], self.rank
+        A, B = {}, {}
+        if self.architecture == "per_layer":
+            outputs = {k: self.mlps[f"{k[0]}_{k[1]}"](emb) for k in self.keys}
+        else:
+            outputs = self._shared(emb)
+        for key in self.keys:
+            i, o = self.shapes[key]
+            flat = outputs[key]  # (N, r·in + o·r)
+            A[key] = flat[:, :r * i].view(n, r, i)
+            B[key] = flat[:, r * i:].view(n, o, r)
+        return LoRA(A, B, self.alpha)
+
+    def _shared(self, emb: Tensor) -> dict[Key, Tensor]:
+        """Every target's trunk features in one batch, then each module type's head."""
+        n = emb.shape[0]
+        layers = torch.tensor([self.layer_index[k[0]] for k in self.keys], device=emb.device)
+        modules = torch.tensor([self.module_index[k[1]] for k in self.keys], device=emb.device)
+        targets = torch.cat([self.layer_embed(layers), self.module_embed(modules)], -1)  # (K, 2E)
+        x = torch.cat([emb.unsqueeze(1).expand(n, len(self.keys), -1),
+                       targets.unsqueeze(0).expand(n, -1, -1)], -1)  # (N, K, D + 2E)
+        features = self.trunk(x)  # (N, K, H)
+        return {key: self.heads[key[1]](features[:, t]) for t, key in enumerate(self.keys)}
+
+    def config(self) -> dict:
+        """Everything needed to rebuild this module (for checkpoints' meta.json)."""
+        return {"architecture": self.architecture, "embed_dim": self.embed_dim,
+                "rank": self.rank, "alpha": self.alpha, "hidden": self.hidden,
+                "target_embed_dim": self.target_embed_dim,
+                "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in self.shapes.items()}}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------
+FORMAT = "dyprag-translator"
+
+
+def save_translator(translator: ParameterTranslator, path: str | Path,
+                    meta: Mapping[str, Any] | None = None) -> Path:
+    """``path/translator.safetensors`` + ``path/meta.json`` (rebuild config, base model id,
+    embedder, ...), both written atomically, meta last."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "translator.safetensors.tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in translator.state_dict().items()},
+              str(tmp))
+    os.replace(tmp, out / "translator.safetensors")
+    atomic_write_json(out / "meta.json", {**(meta or {}), "format": FORMAT,
+                                          "translator": translator.config()})
+    return out
+
+
+def load_translator(path: str | Path, base_model: str | None = None,
+                    shapes: Mapping[Key, tuple[int, int]] | None = None,
+                    device: str | torch.device = "cpu") -> tuple[ParameterTranslator, dict]:
+    """Rebuild a saved translator; refuse one made for another base model id or shape."""
+    src = Path(path)
+    if not (src / "meta.json").is_file():
+        raise FileNotFoundError(f"{src} holds no translator checkpoint (no meta.json)")
+    meta = read_json(src / "meta.json")
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{src / 'meta.json'}: format is {meta.get('format')!r}, "
+                         f"expected {FORMAT!r}")
+    if base_model is not None and meta.get("base_model") not in (None, base_model):
+        raise ValueError(f"translator {src} was trained for base model {meta['base_model']!r}, "
+                         f"not {base_model!r}")
+    config = dict(meta["translator"])
+    saved = {tuple((int(k.split(".")[0]), k.split(".")[1])): tuple(v)
+             for k, v in config.pop("shapes").items()}
+    if shapes is not None and dict(shapes) != saved:
+        diff = next(k for k in sorted(set(saved) | set(shapes), key=lambda k: (k[0], MODULES.index(k[1])))
+                    if saved.get(k) != shapes.get(k))
+        raise ValueError(f"translator {src} was trained for a model whose layer {diff[0]} "
+                         f"{diff[1]} is (in, out) {saved.get(diff)}; this model has "
+                         f"{shapes.get(diff)}")
+    translator = ParameterTranslator(saved, **config)
+    translator.load_state_dict(load_file(str(src / "translator.safetensors"), device=str(device)))
+    return translator.to(device), meta

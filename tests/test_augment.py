@@ -1,0 +1,115 @@
+"""dyprag.augment: QA parsing, bounded retries, the world's template augmenter, resuming."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dyprag.augment import (AugmentedDoc, LLMAugmenter, TemplateAugmenter, augment_corpus,
+                            parse_qa, read_augmented)
+from dyprag.corpus import Passage, iter_corpus
+from dyprag.world import generate_world, load_schema
+from test_world import CONFIG
+
+PASSAGES = [Passage("d1", "", "Idris Kael was born in Velmora."),
+            Passage("d2", "", "Tamsin Reole works for Halvex.")]
+GOOD = '[{"question": "Where was Idris Kael born?", "answer": "Velmora"}]'
+
+
+def test_parse_qa_finds_the_list_in_surrounding_text():
+    reply = f"Sure! Here they are:\n{GOOD}\nHope this helps."
+    assert parse_qa(reply, 3) == [{"question": "Where was Idris Kael born?", "answer": "Velmora"}]
+
+
+def test_parse_qa_keeps_at_most_n_and_drops_malformed_items():
+    reply = json.dumps([{"question": "q1", "answer": "a1"}, {"question": "", "answer": "x"},
+                        "junk", {"question": "q2", "answer": 1963}, {"question": "q3", "answer": "a3"}])
+    assert parse_qa(reply, 2) == [{"question": "q1", "answer": "a1"},
+                                  {"question": "q2", "answer": "1963"}]
+
+
+@pytest.mark.parametrize("reply", ["no list here", "[not json]", '[{"q": 1}]', "[]"])
+def test_parse_qa_rejects_unusable_replies(reply):
+    with pytest.raises(ValueError):
+        parse_qa(reply, 3)
+
+
+class Scripted:
+    """A fake LLM: rewrites echo the passage; QA replies come from a per-call script."""
+
+    def __init__(self, qa_replies: list[list[str]]):
+        self.qa_replies, self.calls = list(qa_replies), []
+
+    def __call__(self, prompts: list[str], sample: bool) -> list[str]:
+        self.calls.append((len(prompts), sample))
+        if "Rewritten passage:" in prompts[0]:
+            return [p.split("Passage: ")[1].split("\n")[0] + " (rewritten)" for p in prompts]
+        return self.qa_replies.pop(0)
+
+
+def test_retries_are_bounded_and_failures_recorded():
+    generate = Scripted([[GOOD, "garbage"], ["still garbage"], ["nope"]])
+    records = LLMAugmenter(generate, questions=3, max_retries=2).augment(PASSAGES)
+    assert records[0].error is None and records[0].qa[0]["answer"] == "Velmora"
+    assert records[1].qa == [] and "after 3 attempts" in records[1].error
+    assert records[1].rewrites == ["Tamsin Reole works for Halvex. (rewritten)"]
+    # one rewrite call, then 3 QA attempts: greedy, then sampled retries of the failed doc only
+    assert generate.calls == [(2, False), (2, False), (1, True), (1, True)]
+
+
+def test_failures_are_counted_and_the_run_resumes(tmp_path):
+    out = tmp_path / "aug.jsonl"
+    stats = augment_corpus(PASSAGES, LLMAugmenter(Scripted([[GOOD, "bad"], ["bad"]]),
+                                                  max_retries=1), out, progress=False)
+    assert (stats.written, stats.failed, stats.cached) == (2, 1, 0)
+    with open(out, "a") as f:
+        f.write('{"doc_id": "d3", "te')  # a run killed mid-line
+    more = PASSAGES + [Passage("d3", "", "Soren Vance studied geology.")]
+    stats = augment_corpus(more, LLMAugmenter(Scripted([[GOOD]])), out, progress=False)
+    assert (stats.written, stats.failed, stats.cached) == (1, 0, 2)
+    assert [r.doc_id for r in read_augmented(out)] == ["d1", "d2", "d3"]
+
+
+def test_a_corrupt_line_inside_the_file_is_an_error(tmp_path):
+    out = tmp_path / "aug.jsonl"
+    out.write_text("not json\n" + json.dumps(AugmentedDoc("d1", "t").to_json()) + "\n")
+    with pytest.raises(ValueError, match="aug.jsonl:1"):
+        read_augmented(out)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    schema = load_schema(CONFIG)
+    schema["splits"] = {"pretrain": 4, "train": 3, "test": 2}
+    return generate_world(schema, tmp_path_factory.mktemp("world"))
+
+
+def test_template_augmenter_asks_every_fact_in_phrasings_unlike_the_tests(world):
+    passages = list(iter_corpus(world / "corpus.jsonl"))
+    records = TemplateAugmenter(world).augment(passages)
+    test_questions = {json.loads(line)["question"]
+                      for line in (world / "qa_test.jsonl").read_text().splitlines()}
+    for record in records:
+        assert record.rewrites and len(record.qa) == 10
+        assert not {qa["question"] for qa in record.qa} & test_questions
+        assert all(qa["answer"] in record.text for qa in record.qa)
+
+
+def test_template_augmenter_refuses_test_phrasings(world, tmp_path):
+    schema = json.loads((world / "schema.json").read_text())
+    schema["augment_question_templates"]["city"] = schema["question_templates"]["city"]
+    clash = generate_world(schema, tmp_path / "clash")
+    with pytest.raises(ValueError, match="disjoint"):
+        TemplateAugmenter(clash)
+
+
+def test_llm_augmenter_on_a_random_model_counts_failures_and_finishes(tmp_path):
+    from dyprag.pretrain import build_tokenizer
+    from conftest import tiny_model
+
+    tokenizer = build_tokenizer([p.text for p in PASSAGES] + ["Rewrite JSON"])
+    model = tiny_model(vocab_size=len(tokenizer))
+    augmenter = LLMAugmenter.from_model(model, tokenizer, max_new_tokens=4, max_retries=1)
+    stats = augment_corpus(PASSAGES, augmenter, tmp_path / "aug.jsonl", progress=False)
+    assert stats.written == 2 and stats.failed == 2

@@ -1,0 +1,78 @@
+"""dyprag.distill: loss terms, KL masking, translator-only checkpoints, a short Lightning fit."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch.testing import assert_close
+from torch.utils.data import DataLoader
+
+from dyprag.distill import DistillationData, TranslatorDistillation
+from dyprag.inject import inject_lora
+from dyprag.lora import LoRA
+from dyprag.pretrain import build_tokenizer
+from dyprag.translator import ParameterTranslator
+from conftest import tiny_model
+
+EXAMPLES = [[[("Question: Where was Idris born? Answer:", False), (" Velmora </s>", True)],
+             [("Idris was born in Velmora .", True)]],
+            [[("Question: Who employs Tamsin? Answer:", False), (" Halvex </s>", True)]]]
+
+
+def setup(teacher_std: float = 0.05):
+    tokenizer = build_tokenizer(["Question: Where was Idris born? Answer: Velmora .",
+                                 "Who employs Tamsin? Halvex", "Idris was born in"])
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    shapes = inject_lora(model).shapes
+    torch.manual_seed(0)
+    translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0)
+    teachers = LoRA.random(shapes, 2, 4.0, batch_size=2, std=teacher_std,
+                           generator=torch.Generator().manual_seed(3))
+    data = DistillationData(torch.randn(2, 8), teachers, EXAMPLES)
+    return model, tokenizer, translator, data
+
+
+def batch_of(data, tokenizer):
+    return data.collate(tokenizer, [data[i] for i in range(len(data))])
+
+
+def test_identical_student_and_teacher_give_zero_kl_and_mse():
+    model, tokenizer, translator, data = setup()
+    data.teachers = data.teachers.map(torch.zeros_like)  # the untrained student's ΔW is 0
+    losses = TranslatorDistillation(model, translator).losses(batch_of(data, tokenizer))
+    assert_close(losses["kl"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert_close(losses["mse"], torch.tensor(0.0), atol=1e-6, rtol=0)
+    assert losses["lm"] > 0
+
+
+def test_kl_ignores_padding():
+    model, tokenizer, translator, data = setup()
+    system = TranslatorDistillation(model, translator)
+    batch = batch_of(data, tokenizer)
+    kl = system.losses(batch)["kl"]
+    # Changing what sits in padded positions must not change the KL.
+    pad = batch["attention_mask"] == 0
+    assert pad.any()
+    batch["input_ids"] = batch["input_ids"].masked_fill(pad, 5)
+    assert_close(system.losses(batch)["kl"], kl)
+
+
+def test_checkpoint_holds_the_translator_only():
+    model, _, translator, _ = setup()
+    state = TranslatorDistillation(model, translator).state_dict()
+    assert state and all(k.startswith("translator.") for k in state)
+
+
+def test_a_short_fit_lowers_the_loss_and_leaves_the_base_untouched():
+    model, tokenizer, translator, data = setup(teacher_std=0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    system = TranslatorDistillation(model, translator, lr=1e-2, total_steps=30)
+    batch = batch_of(data, tokenizer)
+    start = system.losses(batch)["loss"].item()
+    loader = DataLoader(data, batch_size=3, collate_fn=lambda rows: data.collate(tokenizer, rows))
+    trainer = pl.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(system, loader)
+    assert system.losses(batch)["loss"].item() < start
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

@@ -1,0 +1,101 @@
+"""dyprag.translator: shapes, zero initial deltas, both architectures, gradients, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from dyprag.inject import inject_lora
+from dyprag.translator import ParameterTranslator, load_translator, save_translator
+from conftest import tiny_model, tokens
+
+
+@pytest.fixture(params=["per_layer", "shared"])
+def architecture(request) -> str:
+    return request.param
+
+
+def make(architecture: str, arch: str = "llama", **kwargs) -> tuple:
+    model = tiny_model(arch)
+    shapes = inject_lora(model).shapes
+    torch.manual_seed(0)
+    return model, ParameterTranslator(shapes, embed_dim=16, rank=2, alpha=32.0,
+                                      architecture=architecture, **kwargs)
+
+
+def test_generates_a_batched_lora_for_every_target(architecture, arch):
+    model, translator = make(architecture, arch)
+    lora = translator(torch.randn(5, 16))
+    inject_lora(model).check(lora)
+    assert lora.batch_size == 5 and lora.rank == 2 and lora.scaling == 16.0
+    assert set(lora.keys) == set(inject_lora(model).shapes)
+
+
+def test_first_deltas_are_zero_so_the_model_starts_as_the_base(architecture):
+    model, translator = make(architecture)
+    lora = translator(torch.randn(3, 16))
+    for key in lora.keys:
+        assert_close(lora.delta(key), torch.zeros_like(lora.delta(key)))
+    ids = tokens(3, 7)
+    with torch.no_grad(), inject_lora(model).use(lora):
+        injected = model(ids).logits
+    assert_close(injected, model(ids).logits)
+
+
+def test_gradients_reach_every_translator_parameter_through_the_model(architecture):
+    model, translator = make(architecture)
+    ids = tokens(2, 6)
+    with inject_lora(model).use(translator(torch.randn(2, 16))):
+        model(ids).logits.square().mean().backward()
+    heads_b = [p.grad for p in translator.parameters() if p.grad is not None]
+    assert heads_b and all(torch.isfinite(g).all() for g in heads_b)
+    # the B half of the heads gets a gradient first (A's gradient is zero while B is zero)
+    assert any(g.abs().sum() > 0 for g in heads_b)
+
+
+def test_different_documents_get_different_loras_once_trained():
+    model, translator = make("shared")
+    with torch.no_grad():
+        for p in translator.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    lora = translator(torch.randn(2, 16))
+    assert not torch.allclose(lora.delta((0, "up"))[0], lora.delta((0, "up"))[1])
+
+
+def test_shared_translator_is_far_smaller_on_a_deep_model():
+    model = tiny_model(num_hidden_layers=8)
+    shapes = inject_lora(model).shapes
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    per_layer = count(ParameterTranslator(shapes, 16, 2, 32.0, "per_layer"))
+    shared = count(ParameterTranslator(shapes, 16, 2, 32.0, "shared"))
+    assert shared < 0.25 * per_layer
+
+
+def test_bad_input_is_named():
+    _, translator = make("per_layer")
+    with pytest.raises(ValueError, match=r"embeddings must be \(N, 16\), got \(3, 8\)"):
+        translator(torch.randn(3, 8))
+    with pytest.raises(ValueError, match="architecture must be one of"):
+        ParameterTranslator({(0, "up"): (4, 8)}, 16, 2, 32.0, "hyper")
+
+
+def test_checkpoint_round_trip_and_refusals(architecture, tmp_path):
+    model, translator = make(architecture)
+    with torch.no_grad():
+        for p in translator.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    out = save_translator(translator, tmp_path / "ckpt", {"base_model": "tiny-a"})
+    shapes = inject_lora(model).shapes
+    loaded, meta = load_translator(out, base_model="tiny-a", shapes=shapes)
+    emb = torch.randn(2, 16)
+    for key in shapes:
+        assert_close(loaded(emb).delta(key), translator(emb).delta(key))
+    with pytest.raises(ValueError, match="'tiny-a', not 'tiny-b'"):
+        load_translator(out, base_model="tiny-b")
+    wider = inject_lora(tiny_model(intermediate_size=64)).shapes
+    with pytest.raises(ValueError, match=r"layer 0 gate is \(in, out\) \(32, 48\); this model "
+                                         r"has \(32, 64\)"):
+        load_translator(out, shapes=wider)
+    with pytest.raises(FileNotFoundError, match="no translator checkpoint"):
+        load_translator(tmp_path / "nothing")
