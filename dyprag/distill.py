@@ -18,7 +18,6 @@ translator only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -29,6 +28,7 @@ from torch.utils.data import Dataset
 
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
+from dyprag.optim import adamw_warmup_cosine
 from dyprag.prompts import Segments, collate
 from dyprag.translator import ParameterTranslator
 
@@ -119,14 +119,5 @@ class TranslatorDistillation(pl.LightningModule):
             self.log("train/grad_norm", torch.stack(norms).norm())
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.translator.parameters(), lr=self.lr,
-                                      weight_decay=self.wd)
-
-        def schedule(step: int) -> float:
-            if step < self.warmup:
-                return (step + 1) / self.warmup
-            progress = (step - self.warmup) / max(1, self.total - self.warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+        return adamw_warmup_cosine(self.translator.parameters(), self.lr, self.wd,
+                                   self.warmup, self.total)

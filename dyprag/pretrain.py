@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import random
 import time
 from pathlib import Path
@@ -33,8 +32,9 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
-from dyprag.files import atomic_write_json, read_json
 from dyprag.corpus import iter_corpus
+from dyprag.files import atomic_write_json, read_json
+from dyprag.optim import adamw_warmup_cosine
 from dyprag.prompts import Segments, collate, passage_context, qa_prompt
 from dyprag.qa import load_qa
 from dyprag.world import SPLITS, Entity, fresh_entities, load_entities, render
@@ -175,16 +175,8 @@ class BaseModelPretraining(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=self.wd)
-
-        def schedule(step: int) -> float:
-            if step < self.warmup:
-                return (step + 1) / self.warmup
-            progress = (step - self.warmup) / max(1, self.total - self.warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return [optimizer], [{"scheduler": scheduler, "interval": "step"}]
+        return adamw_warmup_cosine(self.model.parameters(), self.lr, self.wd, self.warmup,
+                                   self.total)
 
 
 def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) -> Path:
