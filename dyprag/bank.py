@@ -410,10 +410,12 @@ def main() -> None:
     from dyprag.corpus import iter_corpus
     from dyprag.models import load_model
 
-    parser = argparse.ArgumentParser(description="Train the LoRA bank of the synthetic world.")
-    parser.add_argument("--world", default="checkpoints/world")
-    parser.add_argument("--base", default="checkpoints/base")
-    parser.add_argument("--out", default="checkpoints/bank")
+    parser = argparse.ArgumentParser(
+        description="Train the LoRA bank of the synthetic world (recipe: WORLD_BANK); "
+                    "augments the documents first when needed. Resumes an interrupted run.")
+    parser.add_argument("--world", default="checkpoints/world", help="world directory")
+    parser.add_argument("--base", default="checkpoints/base", help="base model directory")
+    parser.add_argument("--out", default="checkpoints/bank", help="bank directory")
     args = parser.parse_args()
     world = Path(args.world)
     augment_corpus(iter_corpus(world / "corpus.jsonl"), TemplateAugmenter(world),
