@@ -113,3 +113,15 @@ def test_llm_augmenter_on_a_random_model_counts_failures_and_finishes(tmp_path):
     augmenter = LLMAugmenter.from_model(model, tokenizer, max_new_tokens=4, max_retries=1)
     stats = augment_corpus(PASSAGES, augmenter, tmp_path / "aug.jsonl", progress=False)
     assert stats.written == 2 and stats.failed == 2
+
+
+def test_llm_augmenter_wraps_prompts_in_the_chat_template_when_there_is_one():
+    from dyprag.pretrain import build_tokenizer
+    from conftest import tiny_model
+
+    tokenizer = build_tokenizer(["user says hi"])
+    model = tiny_model(vocab_size=len(tokenizer))
+    assert LLMAugmenter.from_model(model, tokenizer).chat("hi") == "hi"
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                               "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert LLMAugmenter.from_model(model, tokenizer).chat("hi") == "<|user|>hi<|assistant|>"
