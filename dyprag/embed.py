@@ -127,3 +127,36 @@ class Embedder:
         finally:
             tmp.unlink(missing_ok=True)
         return np.load(out, mmap_mode="r")
+
+
+class LLMEmbedder(Embedder):
+    """DyPRAG's ``llm`` embedding source: the base model's final-layer hidden state at each
+    passage's last token (not normalised), ``(N, hidden_size)`` float32.
+
+    Same interface as ``Embedder``, so ``embed_corpus`` stores these vectors beside the index
+    and inference needs no extra forward. Run it with no LoRA active.
+    """
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 16):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.name = f"llm:{name}"
+        self.device = str(next(model.parameters()).device)
+        self.batch_size = batch_size
+        self.dim = int(model.config.hidden_size)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not one string")
+        rows = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            batch = self.tokenizer(list(texts[start:start + self.batch_size]), return_tensors="pt",
+                                   padding=True, padding_side="right", add_special_tokens=False)
+            batch = batch.to(self.device)
+            hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                output_hidden_states=True).hidden_states[-1]  # (n, T, H)
+            last = batch["attention_mask"].sum(1) - 1  # (n,) index of each row's last token
+            rows.append(hidden[torch.arange(len(last)), last].float().cpu().numpy())
+        return np.concatenate(rows)

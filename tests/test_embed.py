@@ -41,3 +41,28 @@ def test_embed_corpus_matches_encode(embedder, tmp_path):
     np.testing.assert_allclose(emb, embedder.encode([p.embedding_text() for p in PASSAGES]), atol=1e-5)
     np.testing.assert_array_equal(np.load(out), emb)
     assert sorted(p.name for p in out.parent.iterdir()) == ["embeddings.npy"]  # temporary renamed away
+
+
+def test_llm_embedder_takes_the_last_real_tokens_state_and_fills_a_corpus_file(tmp_path):
+    import torch
+
+    from dyprag.corpus import Passage, write_corpus_jsonl
+    from dyprag.embed import LLMEmbedder
+    from dyprag.pretrain import build_tokenizer
+    from conftest import tiny_model
+
+    texts = ["Idris Kael was born in Velmora .", "Velmora", "Tamsin Reole works for Halvex ."]
+    tokenizer = build_tokenizer(texts)
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    embedder = LLMEmbedder(model, tokenizer, "tiny", batch_size=3)
+    batched = embedder.encode(texts)
+    assert batched.shape == (3, model.config.hidden_size) and embedder.name == "llm:tiny"
+    for i, text in enumerate(texts):  # padding does not change a row
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            alone = model(ids, output_hidden_states=True).hidden_states[-1][0, -1]
+        np.testing.assert_allclose(batched[i], alone.numpy(), rtol=1e-4, atol=1e-5)
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus_jsonl([Passage(f"d{i}", "", t) for i, t in enumerate(texts)], corpus)
+    stored = embedder.embed_corpus(corpus, tmp_path / "llm.npy", show_progress=False)
+    np.testing.assert_allclose(stored, batched, rtol=1e-5, atol=1e-6)
