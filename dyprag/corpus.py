@@ -22,14 +22,13 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
-import json
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dyprag.files import iter_json_lines
+from dyprag.files import atomic_write_jsonl, iter_json_lines
 
 FORMATS = ("jsonl", "tsv")
 _CHUNK = 1 << 20  # bytes read at a time when hashing or counting
@@ -175,15 +174,5 @@ def corpus_fingerprint(path: str | os.PathLike) -> str:
 
 def write_corpus_jsonl(passages: Iterable[Passage], path: str | os.PathLike) -> Path:
     """Write passages as jsonl through a temporary file and a rename; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for p in passages:
-                f.write(json.dumps({"id": p.id, "title": p.title, "text": p.text}, ensure_ascii=False))
-                f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_jsonl(path, ({"id": p.id, "title": p.title, "text": p.text}
+                                     for p in passages))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dyprag.files import iter_json_lines
+from dyprag.files import atomic_write_jsonl, iter_json_lines
 
 FORMATS = ("2wqa", "hotpotqa", "popqa", "cwq", "jsonl")
 ALIASES_FILE = "id_aliases.json"
@@ -354,20 +354,13 @@ def load_qa(path: str | os.PathLike, fmt: str | None = None, limit: int | None =
 def write_qa_jsonl(examples: Iterable[QAExample], path: str | os.PathLike) -> Path:
     """Write examples as generic jsonl through a temporary file and a rename, so ``path``
     is either the old file or the complete new one."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    count = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps({"id": ex.id, "question": ex.question, "answers": ex.answers,
-                                    "meta": ex.meta}, ensure_ascii=False) + "\n")
-                count += 1
+    def rows() -> Iterator[dict[str, Any]]:
+        count = 0
+        for ex in examples:
+            count += 1
+            yield {"id": ex.id, "question": ex.question, "answers": ex.answers, "meta": ex.meta}
         # load_jsonl refuses an empty file, so never write one.
         if count == 0:
-            raise ValueError(f"no examples to write to {out}")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+            raise ValueError(f"no examples to write to {path}")
+
+    return atomic_write_jsonl(path, rows())
