@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,14 +40,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from dyprag.augment import AugmentedDoc
 from dyprag.files import atomic_write_json, read_json
 from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, Key, combine
-from dyprag.lora_io import load_lora, save_lora
+from dyprag.lora import Key, LoRA, combine
+from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
 from dyprag.prompts import Segments, answer_target, collate, qa_prompt
 
 FORMAT = "dyprag-bank"
@@ -146,6 +144,19 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
+def _step_losses(model, tokenizer, lora: LoRA, rows: Sequence[Segments]) -> torch.Tensor:
+    """``row_losses`` of ``rows`` (one example each) with ``lora`` injected, ``(len(rows),)``."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in collate(tokenizer, rows).items()}
+    with inject_lora(model).use(lora), _autocast(device):
+        return row_losses(model, batch)
+
+
+def _optimizer(lora: LoRA, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW([t for _, a, b in lora.items() for t in (a, b)], lr=lr,
+                             weight_decay=weight_decay)
+
+
 def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: LoRA,
                 lr: float, epochs: int, weight_decay: float = 0.0) -> tuple[LoRA, torch.Tensor]:
     """Train one LoRA per document from ``init`` (unbatched); returns them batched and each
@@ -153,22 +164,17 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
     examples: step ``j`` holds example ``j`` of each."""
     counts = {len(ex) for ex in examples}
     assert len(counts) == 1, f"documents of one group need equal example counts, got {counts}"
-    injection = inject_lora(model)
     device = next(model.parameters()).device
     n = len(examples)
     lora = LoRA.stack([init] * n).map(lambda t: t.detach().clone().float().to(device)
                                       .requires_grad_(True))
-    optimizer = torch.optim.AdamW([t for _, a, b in lora.items() for t in (a, b)], lr=lr,
-                                  weight_decay=weight_decay)
+    optimizer = _optimizer(lora, lr, weight_decay)
     steps = counts.pop()
     last = torch.zeros(n)
     for _ in range(epochs):
         last.zero_()
         for j in range(steps):
-            batch = collate(tokenizer, [ex[j] for ex in examples])
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with injection.use(lora), _autocast(device):
-                losses = row_losses(model, batch)  # (n,)
+            losses = _step_losses(model, tokenizer, lora, [ex[j] for ex in examples])  # (n,)
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise FloatingPointError(f"non-finite loss for document row {bad} at step {j}")
@@ -216,8 +222,7 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
     """Train (or resume, or reuse) the bank of ``docs`` in ``out_dir``; returns ``out_dir``."""
     out = Path(out_dir)
     rank, world = _distributed()
-    injection = inject_lora(model)
-    shapes = injection.shapes
+    shapes = inject_lora(model).shapes
     docs = [d for d in docs if d.qa or (config.text and d.text)]
     if not docs:
         raise ValueError("no document has training examples (every augmentation failed?)")
@@ -293,15 +298,9 @@ def _train_shard(model, tokenizer, docs: list[AugmentedDoc], examples: list[list
                 rows[i], losses[i] = lora[row], float(loss[row])
             bar.update(len(group))
             bar.set_postfix(loss=f"{sum(loss.tolist()) / len(group):.3f}")
-    stacked = LoRA.stack(rows)
-    tensors = {}
-    for (layer, module), a, b in stacked.items():
-        tensors[f"A.{layer}.{module}"] = a.contiguous()
-        tensors[f"B.{layer}.{module}"] = b.contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"doc_ids": json.dumps([d.doc_id for d in docs]),
-                                           "loss": json.dumps(losses)})
-    os.replace(tmp, path)
+    atomic_save_tensors(lora_tensors(LoRA.stack(rows)), path,
+                        metadata={"doc_ids": json.dumps([d.doc_id for d in docs]),
+                                  "loss": json.dumps(losses)})
 
 
 def _warmup_init(model, tokenizer, examples: list[list[Segments]], path: Path,
@@ -312,16 +311,12 @@ def _warmup_init(model, tokenizer, examples: list[list[Segments]], path: Path,
         return load_lora(path)[0]
     pool = examples[:config.warmup_docs]
     steps = min(len(ex) for ex in pool)
-    injection = inject_lora(model)
     device = next(model.parameters()).device
     lora = _shared_init(shapes, config).map(lambda t: t.to(device).requires_grad_(True))
-    optimizer = torch.optim.AdamW([t for _, a, b in lora.items() for t in (a, b)],
-                                  lr=config.warmup_lr, weight_decay=config.weight_decay)
+    optimizer = _optimizer(lora, config.warmup_lr, config.weight_decay)
     for _ in range(config.warmup_epochs):
         for j in range(steps):
-            batch = {k: v.to(device) for k, v in collate(tokenizer, [ex[j] for ex in pool]).items()}
-            with injection.use(lora), _autocast(device):
-                loss = row_losses(model, batch).mean()
+            loss = _step_losses(model, tokenizer, lora, [ex[j] for ex in pool]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -33,23 +33,29 @@ WEIGHTS = "lora.safetensors"
 META = "meta.json"
 
 
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
-                         metadata: dict[str, str] | None = None) -> None:
+def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
+                        metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file through a temporary name and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp),
               metadata=metadata)
     os.replace(tmp, path)
 
 
-def save_lora(lora: LoRA, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``lora`` to directory ``path``; ``meta`` (e.g. base model id) goes into meta.json."""
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+def lora_tensors(lora: LoRA) -> dict[str, torch.Tensor]:
+    """The on-disk names of a LoRA's factors: ``A.<layer>.<module>``, ``B.<layer>.<module>``."""
     tensors = {}
     for (layer, module), a, b in lora.items():
         tensors[f"A.{layer}.{module}"] = a
         tensors[f"B.{layer}.{module}"] = b
-    _atomic_save_tensors(tensors, out / WEIGHTS)
+    return tensors
+
+
+def save_lora(lora: LoRA, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``lora`` to directory ``path``; ``meta`` (e.g. base model id) goes into meta.json."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_tensors(lora_tensors(lora), out / WEIGHTS)
     atomic_write_json(out / META, {
         **(meta or {}), "format": FORMAT, "rank": lora.rank, "alpha": lora.alpha,
         "batch_size": lora.batch_size, "dtype": str(lora.dtype).removeprefix("torch."),
@@ -120,7 +126,7 @@ def export_peft(lora: LoRA, model: torch.nn.Module, path: str | os.PathLike,
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_save_tensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    atomic_save_tensors(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
     base = base_model_name_or_path or getattr(model.config, "_name_or_path", None) or None
     atomic_write_json(out / "adapter_config.json", {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,

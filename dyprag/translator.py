@@ -18,17 +18,17 @@ teacher (DyPRAG's reference code drops the scaling from generated deltas; we do 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from dyprag.files import atomic_write_json, read_json
 from dyprag.lora import Key, LoRA
+from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
 
 ARCHITECTURES = ("per_layer", "shared")
@@ -133,10 +133,7 @@ def save_translator(translator: ParameterTranslator, path: str | Path,
     embedder, ...), both written atomically, meta last."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "translator.safetensors.tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in translator.state_dict().items()},
-              str(tmp))
-    os.replace(tmp, out / "translator.safetensors")
+    atomic_save_tensors(translator.state_dict(), out / "translator.safetensors")
     atomic_write_json(out / "meta.json", {**(meta or {}), "format": FORMAT,
                                           "translator": translator.config()})
     return out
