@@ -43,7 +43,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dyprag.augment import AugmentedDoc
-from dyprag.files import atomic_write_json, read_json
+from dyprag.files import atomic_write_json, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
 from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
@@ -339,13 +339,7 @@ class LoRABank:
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{self.path} is not a finished LoRA bank (no meta.json)")
-        self.meta = read_json(meta_path)
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format is {self.meta.get('format')!r}, "
-                             f"expected {FORMAT!r}")
-        if base_model is not None and self.meta["base_model"] != base_model:
-            raise ValueError(f"bank {self.path} was trained for base model "
-                             f"{self.meta['base_model']!r}, not {base_model!r}")
+        self.meta = read_meta(self.path, FORMAT, "bank", base_model)
         if shapes is not None:
             mine, saved = {f"{k[0]}.{k[1]}": list(v) for k, v in shapes.items()}, self.meta["shapes"]
             diff = next((k for k in sorted(set(mine) | set(saved)) if mine.get(k) != saved.get(k)),

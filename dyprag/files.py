@@ -58,6 +58,24 @@ def read_json(path: str | os.PathLike) -> dict:
     return data
 
 
+def read_meta(directory: str | os.PathLike, fmt: str, what: str,
+              base_model: str | None = None) -> dict:
+    """``directory/meta.json`` of a saved artifact (a LoRA, a bank, a translator).
+
+    Refuses a meta.json of another ``format``, and, with ``base_model``, one that names
+    another base model (``what`` names the artifact in the message).
+    """
+    directory = Path(directory)
+    meta = read_json(directory / "meta.json")
+    if meta.get("format") != fmt:
+        raise ValueError(f"{directory / 'meta.json'}: format is {meta.get('format')!r}, "
+                         f"expected {fmt!r}")
+    if base_model is not None and meta.get("base_model") not in (None, base_model):
+        raise ValueError(f"{what} {directory} was made for base model {meta['base_model']!r}, "
+                         f"not {base_model!r}")
+    return meta
+
+
 def iter_json_lines(lines: Iterable[str], where: str | os.PathLike,
                     error: type[ValueError] = ValueError) -> Iterator[tuple[int, dict]]:
     """``(line number, object)`` for each non-blank line of a jsonl stream.

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from dyprag.files import atomic_write_json, read_json
+from dyprag.files import atomic_write_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import MODULES
@@ -72,12 +72,7 @@ def load_lora(path: str | os.PathLike, device: str | torch.device = "cpu",
     With ``base_model``, refuse a LoRA whose meta.json names another base model.
     """
     src = Path(path)
-    meta = read_json(src / META)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{src / META}: format is {meta.get('format')!r}, expected {FORMAT!r}")
-    if base_model is not None and meta.get("base_model") not in (None, base_model):
-        raise ValueError(f"{src} was made for base model {meta['base_model']!r}, "
-                         f"not {base_model!r}")
+    meta = read_meta(src, FORMAT, "LoRA", base_model)
     if not (src / WEIGHTS).is_file():
         raise FileNotFoundError(f"{src / WEIGHTS} does not exist")
     tensors = load_file(str(src / WEIGHTS), device=str(device))

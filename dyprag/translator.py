@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from dyprag.files import atomic_write_json, read_json
+from dyprag.files import atomic_write_json, read_meta
 from dyprag.lora import Key, LoRA
 from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
@@ -146,13 +146,7 @@ def load_translator(path: str | Path, base_model: str | None = None,
     src = Path(path)
     if not (src / "meta.json").is_file():
         raise FileNotFoundError(f"{src} holds no translator checkpoint (no meta.json)")
-    meta = read_json(src / "meta.json")
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{src / 'meta.json'}: format is {meta.get('format')!r}, "
-                         f"expected {FORMAT!r}")
-    if base_model is not None and meta.get("base_model") not in (None, base_model):
-        raise ValueError(f"translator {src} was trained for base model {meta['base_model']!r}, "
-                         f"not {base_model!r}")
+    meta = read_meta(src, FORMAT, "translator", base_model)
     config = dict(meta["translator"])
     saved = {tuple((int(k.split(".")[0]), k.split(".")[1])): tuple(v)
              for k, v in config.pop("shapes").items()}
