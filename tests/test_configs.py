@@ -1,4 +1,4 @@
-"""Every file in configs/ loads and validates."""
+"""Every file in configs/ loads and validates; the config mechanism's overrides and errors."""
 
 from __future__ import annotations
 
@@ -6,19 +6,82 @@ from pathlib import Path
 
 import pytest
 
+from dyprag.config import DEFAULTS, load_config, parse_override
 from dyprag.world import load_schema
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RUNNABLE = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("world"))
+BASES = sorted((CONFIGS / "base").glob("*.yaml"))
 
 
-def test_there_are_configs():
-    assert CONFIGS
+def test_there_are_configs_for_every_model_and_dataset():
+    names = {p.stem for p in RUNNABLE}
+    for model in ("llama3.2-1b", "qwen2.5-1.5b", "llama3-8b"):
+        for data in ("2wqa", "hotpotqa", "popqa", "cwq"):
+            assert f"{model}-{data}" in names
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_loads_and_validates(path):
-    if path.name.startswith("world"):
-        schema = load_schema(path)
-        assert schema["splits"]["test"] > 0
-    else:
-        pytest.fail(f"{path.name}: no loader knows this config kind; add one to this test")
+def test_the_world_schema_loads():
+    assert load_schema(CONFIGS / "world.yaml")["splits"]["test"] > 0
+
+
+@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
+def test_run_config_loads_and_validates(path):
+    config = load_config(path)
+    assert config["data"]["kind"] == "qa" and config["model"]["name"] != "world"
+    assert config["run"]["name"] == path.stem  # outputs never collide between configs
+    # PRAG / DyPRAG hyperparameters unless the file says otherwise.
+    assert (config["bank"]["rank"], config["bank"]["alpha"]) == (2, 32.0)
+    assert config["bank"]["epochs"] == (2 if "popqa" in path.name else 1)
+    assert (config["train"]["w_lm"], config["train"]["w_kl"], config["train"]["w_mse"]) == \
+        (1.0, 0.01, 100.0)
+    assert config["train"]["lr"] == 1e-5
+
+
+@pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)
+def test_base_config_loads(path):
+    load_config(path, complete=False)
+
+
+def test_defaults_are_the_world_job():
+    assert load_config() == DEFAULTS
+
+
+def test_overrides_parse_yaml_values_and_short_floats():
+    config = load_config(None, ["train.lr=2e-3", "eval.modes=[vanilla,dyprag@1]",
+                                "data.test_questions=5", "wandb.name=x"])
+    assert config["train"]["lr"] == 2e-3
+    assert config["eval"]["modes"] == ["vanilla", "dyprag@1"]
+    assert config["data"]["test_questions"] == 5 and config["wandb"]["name"] == "x"
+    assert parse_override("model.pretrain.epochs=2") == {"model": {"pretrain": {"epochs": 2}}}
+
+
+def test_every_problem_is_named_in_one_error():
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["train.lr=fast", "train.bogus=1", "eval.modes=[dyprag]",
+                           "translator.architecture=huge"])
+    message = str(err.value)
+    for culprit in ("train.bogus: unknown key", "train.lr: must be float", "dyprag@3",
+                    "translator.architecture: must be one of"):
+        assert culprit in message
+
+
+def test_bad_override_syntax_and_missing_or_looping_files(tmp_path):
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(None, ["train.lr"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+
+
+def test_qa_runs_need_data_and_a_real_model():
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["data.kind=qa"])
+    for field in ("data.corpus", "data.train_qa", "data.test_qa", "model.name"):
+        assert field in str(err.value)

@@ -1,0 +1,233 @@
+"""Run configuration: one YAML mechanism for every job, plus ``key=value`` overrides.
+
+    config = load_config("configs/qwen2.5-1.5b-popqa.yaml", ["bank.epochs=2", "run.name=x"])
+
+A run config is a mapping of sections (``run``, ``data``, ``model``, ``index``, ``augment``,
+``bank``, ``translator``, ``train``, ``eval``, ``wandb``); ``DEFAULTS`` holds every key with
+its default (the embedded synthetic-world job, so ``python train.py`` needs no file). A file
+may start from another with ``base: other.yaml`` (resolved relative to the file). Overrides
+use dotted keys and YAML values (``train.lr=1e-4``, ``eval.modes=[vanilla,rag@3]``).
+
+Every problem (unknown key, wrong type, bad value) is collected and raised once, each naming
+its field.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dyprag.bank import WORLD_BANK, BankConfig
+from dyprag.qa import FORMATS
+
+MODES = ("vanilla", "rag", "prag", "dyprag", "prag+rag", "dyprag+rag")
+
+DEFAULTS: dict[str, Any] = {
+    "run": {"name": "world", "root": "checkpoints", "seed": 0},
+    "data": {
+        # "world": generate the synthetic world from ``world`` (its schema);
+        # "qa": a corpus (jsonl or DPR tsv) and QA files (any format dyprag.qa reads).
+        "kind": "world", "world": "configs/world.yaml",
+        "corpus": None, "train_qa": None, "test_qa": None, "qa_format": None,
+        "train_questions": None, "test_questions": None,
+        # Translator-training documents: "gold" (each question's meta.doc_id) or
+        # "retrieved" (the top ``index.k`` passages of each training question, as PRAG does).
+        "train_docs": "gold",
+        "val_fraction": 0.1,
+    },
+    "model": {
+        # "world": pretrain the tiny base model on the world; else a hub id or local path.
+        "name": "world", "dtype": "auto", "device": "auto",
+        "pretrain": {"reading_single": 24000, "reading_multi": 16000},
+    },
+    "index": {"method": "dense", "embedder": None, "factory": "Flat", "k": 3},
+    "augment": {"rewrites": 1, "questions": 3, "max_retries": 2, "batch_size": 8},
+    "bank": {**{k: getattr(WORLD_BANK, k) for k in BankConfig.__dataclass_fields__},
+             "epochs": 20, "docs_per_step": 100},
+    "translator": {"architecture": "per_layer", "hidden": 32, "target_embed_dim": 32,
+                   "embedding": "retriever"},
+    "train": {
+        "epochs": 8, "batch_size": 32, "lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 20,
+        "w_lm": 1.0, "w_kl": 0.01, "w_mse": 100.0, "mse_space": "delta",
+        "gradient_clip": 1.0, "accelerator": "auto", "devices": 1, "strategy": "auto",
+        "precision": "auto", "num_workers": 0, "val_questions": 100, "log_every_n_steps": 10,
+    },
+    "eval": {"modes": ["vanilla", "rag@1", "rag@3", "prag@1", "dyprag@1", "dyprag@3",
+                       "dyprag+rag@3"],
+             "limit": None, "max_new_tokens": 8, "batch_size": 64, "samples": 10},
+    "wandb": {"project": "dyprag", "name": None, "mode": None},
+}
+
+CHOICES = {
+    ("data", "kind"): ("world", "qa"),
+    ("data", "train_docs"): ("gold", "retrieved"),
+    ("index", "method"): ("dense", "bm25", "hybrid"),
+    ("translator", "architecture"): ("per_layer", "shared"),
+    ("translator", "embedding"): ("retriever", "llm"),
+    ("train", "mse_space"): ("delta", "factor"),
+    ("bank", "loss_on"): ("answer", "all"),
+    ("bank", "init"): ("shared", "warmup"),
+    ("wandb", "mode"): (None, "offline", "online", "disabled"),
+    ("data", "qa_format"): (None, *FORMATS),
+}
+# Keys whose default is None but which take a value of this type.
+TYPES = {("data", "corpus"): str, ("data", "train_qa"): str, ("data", "test_qa"): str,
+         ("data", "train_questions"): int,
+         ("data", "test_questions"): int, ("index", "embedder"): str, ("eval", "limit"): int,
+         ("wandb", "name"): str}
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-3`` as a string (it wants ``1.0e-3``); learning rates are written
+    the short way, so also resolve ``[-+]?digits[.digits]e[-+]digits`` as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in base:
+            problems.append(f"{path}: unknown key (known: {', '.join(sorted(base))})")
+        elif isinstance(base[key], dict) and key != "pretrain":
+            if isinstance(value, dict):
+                out[key] = _merge(base[key], value, path, problems)
+            else:
+                problems.append(f"{path}: must be a mapping, got {value!r}")
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
+    """The file's mapping, preceded by its ``base:`` chain (oldest first)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config {path} does not exist")
+    if path.resolve() in seen:
+        raise ValueError(f"config {path}: 'base:' chain loops back to itself")
+    try:
+        data = _yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    chain = _read_yaml(path.parent / base, (*seen, path.resolve())) if base else []
+    return [*chain, data]
+
+
+def parse_override(text: str) -> dict:
+    """``"a.b=1"`` → ``{"a": {"b": 1}}`` (the value parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    try:
+        value = _yaml(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def validate(config: dict, complete: bool = True) -> list[str]:
+    """Every problem with a merged config, each as 'section.key: what is wrong'.
+
+    ``complete=False`` accepts a base file that leaves the data or the model to others."""
+    problems = []
+    for section, keys in DEFAULTS.items():
+        for key, default in keys.items():
+            value, name = config[section][key], f"{section}.{key}"
+            wanted = TYPES.get((section, key), type(default) if default is not None else None)
+            if (section, key) in CHOICES:
+                if value not in CHOICES[(section, key)]:
+                    problems.append(f"{name}: must be one of {CHOICES[(section, key)]}, got {value!r}")
+            elif value is None and (section, key) in TYPES or wanted is float and isinstance(value, int) and not isinstance(value, bool):
+                continue
+            elif wanted is not None and not isinstance(value, wanted) or (
+                    wanted is int and isinstance(value, bool)):
+                problems.append(f"{name}: must be {wanted.__name__}, got {value!r}")
+    modes = config["eval"]["modes"]
+    for mode in modes if isinstance(modes, list) else [modes]:
+        try:
+            parse_mode(mode)
+        except ValueError as err:
+            problems.append(f"eval.modes: {err}")
+    if problems:
+        return problems
+    data, train = config["data"], config["train"]
+    if data["kind"] == "qa" and complete:
+        for key in ("corpus", "train_qa", "test_qa"):
+            if not data[key]:
+                problems.append(f"data.{key}: required when data.kind is 'qa'")
+        if config["model"]["name"] == "world":
+            problems.append("model.name: 'world' is the synthetic world's own model; "
+                            "with data.kind 'qa' give a hub id or a local path")
+    if not 0 <= data["val_fraction"] < 1:
+        problems.append(f"data.val_fraction: must be in [0, 1), got {data['val_fraction']}")
+    for key in ("epochs", "batch_size", "val_questions", "log_every_n_steps"):
+        if train[key] < (0 if key == "val_questions" else 1):
+            problems.append(f"train.{key}: must be ≥ 1, got {train[key]}")
+    if train["lr"] <= 0:
+        problems.append(f"train.lr: must be > 0, got {train['lr']}")
+    for key in ("w_lm", "w_kl", "w_mse"):
+        if train[key] < 0:
+            problems.append(f"train.{key}: must be ≥ 0, got {train[key]}")
+    if config["index"]["k"] < 1:
+        problems.append(f"index.k: must be ≥ 1, got {config['index']['k']}")
+    try:
+        BankConfig(**config["bank"])
+    except (TypeError, ValueError) as err:
+        problems.append(f"bank: {err}")
+    return problems
+
+
+def parse_mode(mode: str) -> tuple[str, int]:
+    """``"dyprag+rag@3"`` → ``("dyprag+rag", 3)``; ``"vanilla"`` → ``("vanilla", 0)``."""
+    name, _, k = str(mode).partition("@")
+    if name not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; modes are {', '.join(MODES)} (with @k)")
+    if name == "vanilla":
+        if k:
+            raise ValueError("'vanilla' takes no @k")
+        return name, 0
+    if not k.isdigit() or int(k) < 1:
+        raise ValueError(f"mode {mode!r} needs a number of documents, e.g. {name}@3")
+    return name, int(k)
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                complete: bool = True) -> dict:
+    """Defaults ← the file's ``base:`` chain ← the file ← overrides; validated (see
+    ``validate`` for ``complete``)."""
+    problems: list[str] = []
+    config = copy.deepcopy(DEFAULTS)
+    layers = _read_yaml(Path(path)) if path is not None else []
+    for layer in [*layers, *(parse_override(o) for o in overrides)]:
+        config = _merge(config, layer, "", problems)
+    problems += validate(config, complete)
+    if problems:
+        where = f"config {path}" if path is not None else "config"
+        raise ValueError(f"{where}: " + "; ".join(problems))
+    return config
+
+
+def bank_config(config: dict) -> BankConfig:
+    return BankConfig(**config["bank"])
+
+
+def dump(config: dict) -> str:
+    return yaml.safe_dump(config, sort_keys=False)
