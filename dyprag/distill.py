@@ -8,9 +8,13 @@ and ``teacher`` = the document's bank LoRA, both injected per sample:
 - ``L_lm``: next-token loss on the example's labelled tokens with the student injected;
 - ``L_kl``: KL(teacher ‖ student) of the next-token distributions, **averaged over real
   tokens only** (DyPRAG's reference code averages over padding too);
-- ``L_mse``: distance of student to teacher, in delta space (``delta_distance``, independent
-  of how ΔW is factorised; the default) or factor space (``factor_mse``, DyPRAG's), averaged
-  over the batch and divided by the number of targets.
+- ``L_mse``: distance of student to teacher, in delta space (the default: the mean squared
+  error between the entries of ``ΔW_student`` and ``ΔW_teacher``, computed with
+  ``delta_distance`` without forming either, so independent of how ΔW is factorised) or in
+  factor space (``factor_mse``, DyPRAG's), averaged over targets and the batch.
+
+Also logged: the RMS entry of the generated ΔW beside the bank's (``lora_rms_student`` /
+``lora_rms_teacher``), and, on validation, DyPRAG F1 on held-out documents' questions.
 
 The frozen base model is held outside the module's parameters, so checkpoints hold the
 translator only.
@@ -18,18 +22,22 @@ translator only.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
+from dyprag.metrics import score
 from dyprag.optim import adamw_warmup_cosine
-from dyprag.prompts import Segments, collate
+from dyprag.prompts import Segments, collate, generate_answers
 from dyprag.translator import ParameterTranslator
 
 
@@ -62,11 +70,52 @@ class DistillationData(Dataset):
         return batch
 
 
+def delta_mse(x: LoRA, y: LoRA, entries: Tensor) -> Tensor:
+    """Mean squared difference of the entries of ``ΔW_x`` and ``ΔW_y``, averaged over the
+    targets and the batch: ``mean_t ‖ΔW_x,t − ΔW_y,t‖²_F / (in_t · out_t)``.
+
+    ``entries``: ``in·out`` of each target in ``x.keys`` order."""
+    per_target = delta_distance(x, y, per_target=True)  # (N, K)
+    return (per_target / entries.to(per_target)).mean()
+
+
+@dataclass
+class ValidationQuestions:
+    """Held-out documents' questions for DyPRAG F1 during validation: one row per question,
+    its document's embedding, its closed-book prompt and its gold answers."""
+
+    tokenizer: Any
+    embeddings: Tensor
+    prompts: list[str]
+    answers: list[list[str]]
+
+
+class DistillationDataModule(pl.LightningDataModule):
+    """Training and held-out ``DistillationData``, batched with ``DistillationData.collate``."""
+
+    def __init__(self, tokenizer, train: DistillationData, val: DistillationData | None = None,
+                 batch_size: int = 32, num_workers: int = 0):
+        super().__init__()
+        self.tokenizer, self.train, self.val = tokenizer, train, val
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _loader(self, data: DistillationData, shuffle: bool) -> DataLoader:
+        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers,
+                          collate_fn=functools.partial(data.collate, self.tokenizer))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val, shuffle=False) if self.val is not None else []
+
+
 class TranslatorDistillation(pl.LightningModule):
     """Trains ``translator`` against a frozen ``model`` and the bank's LoRAs."""
 
     def __init__(self, model, translator: ParameterTranslator, lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int = 1,
+                 weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
                  w_lm: float = 1.0, w_kl: float = 0.01, w_mse: float = 100.0,
                  mse_space: str = "delta"):
         super().__init__()
@@ -79,6 +128,10 @@ class TranslatorDistillation(pl.LightningModule):
         self.lr, self.wd, self.warmup, self.total = lr, weight_decay, warmup_steps, total_steps
         self.weights = {"lm": w_lm, "kl": w_kl, "mse": w_mse}
         self.mse_space = mse_space
+        # Entries of ΔW per target, for the delta-space MSE's mean: Σ_targets in·out.
+        self.delta_entries = torch.tensor([translator.shapes[k][0] * translator.shapes[k][1]
+                                           for k in translator.keys])
+        self.val_qa: ValidationQuestions | None = None
 
     def losses(self, batch: dict) -> dict[str, Tensor]:
         student = self.translator(batch["embedding"])
@@ -92,10 +145,16 @@ class TranslatorDistillation(pl.LightningModule):
         kl_tokens = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1),
                              log_target=True, reduction="none").sum(-1)  # (N, T)
         kl = (kl_tokens * mask).sum() / mask.sum()
-        distance = delta_distance if self.mse_space == "delta" else factor_mse
-        mse = distance(student, teacher).mean() / len(student.keys)
+        if self.mse_space == "delta":
+            mse = delta_mse(student, teacher, self.delta_entries)
+        else:
+            mse = factor_mse(student, teacher).mean()
         total = sum(self.weights[k] * v for k, v in (("lm", lm), ("kl", kl), ("mse", mse)))
-        return {"loss": total, "lm": lm, "kl": kl, "mse": mse}
+        with torch.no_grad():
+            zero = student.map(torch.zeros_like)
+            norms = {"lora_rms_student": delta_mse(student, zero, self.delta_entries).sqrt(),
+                     "lora_rms_teacher": delta_mse(teacher, zero, self.delta_entries).sqrt()}
+        return {"loss": total, "lm": lm, "kl": kl, "mse": mse, **norms}
 
     def training_step(self, batch: dict, _: int) -> Tensor:
         losses = self.losses(batch)
@@ -111,7 +170,16 @@ class TranslatorDistillation(pl.LightningModule):
     def validation_step(self, batch: dict, _: int) -> None:
         losses = self.losses(batch)
         self.log_dict({f"val/{k}": v for k, v in losses.items()},
-                      batch_size=batch["input_ids"].shape[0])
+                      batch_size=batch["input_ids"].shape[0], sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_qa is None or self.trainer.sanity_checking:
+            return
+        q = self.val_qa
+        with torch.no_grad():
+            lora = self.translator(q.embeddings.to(self.device)).detach()
+        predictions = generate_answers(self.base, q.tokenizer, q.prompts, lora=lora)
+        self.log("val/dyprag_f1", score(predictions, q.answers)["f1"], sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.norm() for p in self.translator.parameters() if p.grad is not None]
@@ -120,4 +188,4 @@ class TranslatorDistillation(pl.LightningModule):
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.translator.parameters(), self.lr, self.wd,
-                                   self.warmup, self.total)
+                                   self.warmup, self.total or self.trainer.estimated_stepping_batches)

@@ -211,8 +211,9 @@ def _trace_product(b1: Tensor, a1: Tensor, b2: Tensor, a2: Tensor) -> Tensor:
     return (bb * aa.transpose(-1, -2)).sum(dim=(-1, -2))
 
 
-def delta_distance(x: LoRA, y: LoRA) -> Tensor:
-    """``Σ_targets ‖ΔW_x − ΔW_y‖²_F`` without forming any ΔW; ``(N,)`` for batched LoRAs.
+def delta_distance(x: LoRA, y: LoRA, per_target: bool = False) -> Tensor:
+    """``Σ_targets ‖ΔW_x − ΔW_y‖²_F`` without forming any ΔW; ``(N,)`` for batched LoRAs
+    (``(N, K)``, one column per target in ``x.keys`` order, with ``per_target``).
 
     Uses ``‖X − Y‖² = tr(XᵀX) − 2 tr(XᵀY) + tr(YᵀY)`` with every trace an r×r product, so
     the cost is O(r² (in + out)) per target instead of O(in · out).
@@ -220,14 +221,15 @@ def delta_distance(x: LoRA, y: LoRA) -> Tensor:
     if x.keys != y.keys:
         raise ValueError("the two LoRAs cover different targets")
     sx, sy = x.scaling, y.scaling
-    total = 0
+    columns = []
     for key, a1, b1 in x.items():
         a2, b2 = y.A[key], y.B[key]
-        total = total + (sx * sx * _trace_product(b1, a1, b1, a1)
-                         - 2 * sx * sy * _trace_product(b1, a1, b2, a2)
-                         + sy * sy * _trace_product(b2, a2, b2, a2))
+        columns.append(sx * sx * _trace_product(b1, a1, b1, a1)
+                       - 2 * sx * sy * _trace_product(b1, a1, b2, a2)
+                       + sy * sy * _trace_product(b2, a2, b2, a2))
     # Rounding can push an exact zero slightly below it.
-    return total.clamp_min(0.0)
+    distances = torch.stack(columns, -1).clamp_min(0.0)
+    return distances if per_target else distances.sum(-1)
 
 
 def factor_mse(x: LoRA, y: LoRA) -> Tensor:

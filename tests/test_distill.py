@@ -76,3 +76,43 @@ def test_a_short_fit_lowers_the_loss_and_leaves_the_base_untouched():
     assert system.losses(batch)["loss"].item() < start
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_delta_space_mse_matches_formed_matrices():
+    model, tokenizer, translator, data = setup(teacher_std=0.3)
+    with torch.no_grad():  # a student with nonzero B, so both sides of the distance count
+        for p in translator.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    batch = batch_of(data, tokenizer)
+    losses = TranslatorDistillation(model, translator).losses(batch)
+    student = translator(batch["embedding"])
+    teacher = LoRA(batch["teacher_A"], batch["teacher_B"], translator.alpha)
+    per_target = [((student.scaling * student.B[k] @ student.A[k]
+                    - teacher.scaling * teacher.B[k] @ teacher.A[k]) ** 2).mean(dim=(-1, -2))
+                  for k in student.keys]  # each (N,): mean over the entries of ΔW
+    assert_close(losses["mse"], torch.stack(per_target).mean(), rtol=1e-4, atol=1e-7)
+    rms = torch.stack([((teacher.scaling * teacher.B[k] @ teacher.A[k]) ** 2).mean(dim=(-1, -2))
+                       for k in teacher.keys]).mean().sqrt()
+    assert_close(losses["lora_rms_teacher"], rms, rtol=1e-4, atol=1e-7)
+
+
+def test_factor_space_mse_is_dyprags():
+    model, tokenizer, translator, data = setup(teacher_std=0.3)
+    batch = batch_of(data, tokenizer)
+    losses = TranslatorDistillation(model, translator, mse_space="factor").losses(batch)
+    student = translator(batch["embedding"])
+    teacher = LoRA(batch["teacher_A"], batch["teacher_B"], translator.alpha)
+    expected = torch.stack([((student.A[k] - teacher.A[k]) ** 2).mean(dim=(-1, -2))
+                            + ((student.B[k] - teacher.B[k]) ** 2).mean(dim=(-1, -2))
+                            for k in student.keys]).mean()
+    assert_close(losses["mse"], expected)
+
+
+def test_lm_term_is_the_answer_tokens_next_token_loss():
+    model, tokenizer, translator, data = setup()
+    batch = batch_of(data, tokenizer)
+    losses = TranslatorDistillation(model, translator).losses(batch)
+    # The untrained student's ΔW is exactly 0: L_lm is the base model's loss on the labels.
+    assert_close(losses["lm"], model(input_ids=batch["input_ids"],
+                                     attention_mask=batch["attention_mask"],
+                                     labels=batch["labels"]).loss)

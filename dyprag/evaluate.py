@@ -1,0 +1,132 @@
+"""Answer questions in every RAG mode and score them (train.py's eval stage; bench; infer).
+
+Modes, each with the top ``k`` retrieved documents of the question (``"mode@k"``):
+
+- ``vanilla``: closed book;
+- ``rag@k``: the passages in the prompt;
+- ``prag@k``: no passage; the sum of the documents' bank LoRAs injected (PRAG);
+- ``dyprag@k``: no passage; the sum of the translator's LoRAs of the documents (DyPRAG);
+- ``prag+rag@k``, ``dyprag+rag@k``: both.
+
+Each question gets its own LoRA (per-sample injection), so a whole batch of questions is
+answered in one ``generate``. Combining k documents is the sum of their deltas (rank
+concatenation), never DyPRAG's averaging of A and B.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dyprag.bank import LoRABank
+from dyprag.config import parse_mode
+from dyprag.lora import LoRA, combine
+from dyprag.metrics import score
+from dyprag.prompts import generate_answers, qa_prompt
+from dyprag.translator import ParameterTranslator
+
+Hits = Sequence[Sequence[str]]
+"""Per question, the retrieved document ids, best first."""
+
+
+@dataclass
+class EmbeddingTable:
+    """Document id → the translator's input embedding (rows of a stored ``(N, D)`` array)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.vectors):
+            raise ValueError(f"{len(self.ids)} document ids but {len(self.vectors)} embeddings")
+        self.row = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def get(self, doc_ids: Sequence[str]) -> Tensor:
+        missing = [d for d in doc_ids if d not in self.row]
+        if missing:
+            raise KeyError(f"no stored embedding for documents {missing[:5]}")
+        return torch.from_numpy(np.asarray(self.vectors[[self.row[d] for d in doc_ids]],
+                                           dtype=np.float32))
+
+
+@dataclass
+class Knowledge:
+    """Where each mode's knowledge comes from; ``bank`` / ``translator`` only for its modes."""
+
+    passages: Mapping[str, str]
+    bank: LoRABank | None = None
+    translator: ParameterTranslator | None = None
+    embeddings: EmbeddingTable | None = None
+
+
+@torch.no_grad()
+def translated(translator: ParameterTranslator, embeddings: EmbeddingTable, hits: Hits,
+               k: int) -> LoRA:
+    """DyPRAG's knowledge per question: the sum of the generated deltas of its top-k
+    documents, batched over questions: ``(N, k·r, in)``, ``(N, out, k·r)``."""
+    device = next(translator.parameters()).device
+    flat = [d for h in hits for d in h[:k]]  # question-major: q0d0, q0d1, ..., q1d0, ...
+    assert len(flat) == k * len(hits), f"every question needs {k} documents"
+    lora = translator(embeddings.get(flat).to(device)).detach()
+    rows = torch.arange(len(hits), device=device) * k
+    return combine([lora[rows + j] for j in range(k)])
+
+
+def mode_lora(mode: str, hits: Hits, knowledge: Knowledge) -> LoRA | None:
+    name, k = parse_mode(mode)
+    if name.startswith("prag"):
+        if knowledge.bank is None:
+            raise ValueError(f"mode {mode} needs a LoRA bank")
+        return knowledge.bank.combined([list(h[:k]) for h in hits])
+    if name.startswith("dyprag"):
+        if knowledge.translator is None or knowledge.embeddings is None:
+            raise ValueError(f"mode {mode} needs a translator and document embeddings")
+        return translated(knowledge.translator, knowledge.embeddings, hits, k)
+    return None
+
+
+def mode_prompts(mode: str, questions: Sequence[str], hits: Hits,
+                 passages: Mapping[str, str]) -> list[str]:
+    name, k = parse_mode(mode)
+    in_prompt = k if name in ("rag", "prag+rag", "dyprag+rag") else 0
+    return [qa_prompt(q, [passages[d] for d in h[:in_prompt]]) for q, h in zip(questions, hits)]
+
+
+def answer(model, tokenizer, mode: str, questions: Sequence[str], hits: Hits,
+           knowledge: Knowledge, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+    """Greedy answers to ``questions`` in ``mode``; LoRAs are built one batch at a time
+    (a real model's per-question LoRAs are large)."""
+    if len(hits) != len(questions):
+        raise ValueError(f"{len(questions)} questions but {len(hits)} retrieval results")
+    answers: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        q, h = questions[start:start + batch_size], hits[start:start + batch_size]
+        lora = mode_lora(mode, h, knowledge)
+        if lora is not None:
+            lora = lora.to(next(model.parameters()).device, next(model.parameters()).dtype)
+        answers += generate_answers(model, tokenizer, mode_prompts(mode, q, h, knowledge.passages),
+                                    max_new_tokens, batch_size, lora=lora)
+    return answers
+
+
+def evaluate(model, tokenizer, modes: Sequence[str], questions: Sequence[str],
+             golds: Sequence[Sequence[str]], hits: Hits, knowledge: Knowledge,
+             max_new_tokens: int = 8, batch_size: int = 64,
+             progress=None) -> tuple[dict[str, dict], dict[str, list[str]]]:
+    """Scores (``{mode: {"em", "f1", "n"}}``) and predictions (``{mode: [answer]}``)."""
+    scores, predictions = {}, {}
+    for mode in modes:
+        predictions[mode] = answer(model, tokenizer, mode, questions, hits, knowledge,
+                                   max_new_tokens, batch_size)
+        scores[mode] = score(predictions[mode], golds)
+        if progress is not None:
+            progress(mode, scores[mode])
+    return scores, predictions

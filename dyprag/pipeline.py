@@ -1,0 +1,274 @@
+"""The stages of ``python train.py`` (DESIGN.md §1), each cached under ``checkpoints/<run>/``.
+
+    world/data → base → index → augment → bank → embeddings → translator → eval
+
+Every stage skips itself when its output exists for the same inputs (a fingerprint in the
+output's meta file) and resumes when interrupted: the world, the base model, the index, the
+augmentation (line by line), the bank (shard by shard) and the translator (Lightning's
+``last.ckpt``). Re-running the same command after a crash continues where it stopped.
+
+Under a multi-process strategy (``ddp``), Lightning re-runs the script in every extra
+process when ``fit`` starts; by then every earlier stage is cached, so those processes only
+read, and only rank 0 evaluates and writes the results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, read_augmented
+from dyprag.bank import LoRABank, build_bank
+from dyprag.config import bank_config, dump, parse_mode
+from dyprag.corpus import iter_corpus
+from dyprag.evaluate import EmbeddingTable, Knowledge, evaluate
+from dyprag.files import atomic_write_json, atomic_write_text, read_json
+from dyprag.models import load_model
+from dyprag.qa import QAExample, load_qa
+from dyprag.retrieval import Retriever, build_retriever
+from dyprag.training import fit_translator, is_rank_zero, log_results
+
+
+@dataclass
+class Data:
+    corpus: Path
+    train: list[QAExample]
+    test: list[QAExample]
+    world: Path | None = None
+
+
+def run_dir(config: dict) -> Path:
+    return Path(config["run"]["root"]) / config["run"]["name"]
+
+
+def _fingerprint(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def log(message: str) -> None:
+    if is_rank_zero():
+        print(f"[dyprag] {message}", flush=True)
+
+
+# ---- stages -----------------------------------------------------------------------------------
+def stage_data(config: dict, out: Path) -> Data:
+    data = config["data"]
+    if data["kind"] == "world":
+        from dyprag.world import generate_world, load_schema
+
+        schema = Path(data["world"])
+        if not schema.is_file() and not schema.is_absolute():  # run from another directory
+            schema = Path(__file__).resolve().parents[1] / schema
+        world = generate_world(load_schema(schema), out / "world")
+        return Data(world / "corpus.jsonl",
+                    load_qa(world / "qa_train.jsonl", limit=data["train_questions"]),
+                    load_qa(world / "qa_test.jsonl", limit=data["test_questions"]), world)
+    for key in ("corpus", "train_qa", "test_qa"):
+        if not Path(data[key]).is_file():
+            raise FileNotFoundError(f"data.{key}: {data[key]} does not exist")
+    n_test, n_train = data["test_questions"], data["train_questions"]
+    if Path(data["train_qa"]).resolve() == Path(data["test_qa"]).resolve():
+        # One file (PRAG's dev sets): the first n_test questions test, the next n_train train.
+        if n_test is None:
+            raise ValueError("data.test_questions: required when train_qa and test_qa are "
+                             "the same file (the first ones test, the rest train)")
+        every = load_qa(data["test_qa"], data["qa_format"],
+                        None if n_train is None else n_test + n_train)
+        return Data(Path(data["corpus"]), every[n_test:], every[:n_test])
+    return Data(Path(data["corpus"]), load_qa(data["train_qa"], data["qa_format"], n_train),
+                load_qa(data["test_qa"], data["qa_format"], n_test))
+
+
+def stage_base(config: dict, data: Data, out: Path) -> tuple[str, str]:
+    """``(path or hub id to load, model id recorded in banks and checkpoints)``."""
+    name = config["model"]["name"]
+    if name != "world":
+        return name, name
+    from dyprag.pretrain import pretrain_base
+
+    start = time.perf_counter()
+    base = pretrain_base(data.world, out / "base", **config["model"]["pretrain"])
+    log(f"base model ready ({time.perf_counter() - start:.0f}s; "
+        f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
+    return str(base), f"world:{read_json(base / 'pretrain.json')['fingerprint']}"
+
+
+def stage_index(config: dict, data: Data, out: Path) -> Retriever:
+    index = config["index"]
+    return build_retriever(data.corpus, out / "index", method=index["method"],
+                           factory=index["factory"], embedder=index["embedder"])
+
+
+def training_documents(config: dict, data: Data, retriever: Retriever) -> list[str]:
+    """Documents the bank and translator learn from, in a fixed order."""
+    if config["data"]["train_docs"] == "gold":
+        missing = [qa.id for qa in data.train if "doc_id" not in qa.meta]
+        if missing:
+            raise ValueError(f"data.train_docs is 'gold' but questions {missing[:3]} have no "
+                             "meta.doc_id; use data.train_docs=retrieved")
+        ids = [qa.meta["doc_id"] for qa in data.train]
+    else:
+        hits = retriever.retrieve([qa.question for qa in data.train], k=config["index"]["k"])
+        ids = [d for h in hits for d, _ in h]
+    return list(dict.fromkeys(ids))
+
+
+def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, model, tokenizer):
+    wanted = set(doc_ids)
+    passages = [p for p in iter_corpus(data.corpus) if p.id in wanted]
+    if data.world is not None:
+        augmenter = TemplateAugmenter(data.world)
+    else:
+        a = config["augment"]
+        augmenter = LLMAugmenter.from_model(model, tokenizer, batch_size=a["batch_size"],
+                                            seed=config["run"]["seed"], rewrites=a["rewrites"],
+                                            questions=a["questions"], max_retries=a["max_retries"])
+    stats = augment_corpus(passages, augmenter, path, batch_size=config["augment"]["batch_size"])
+    if stats.failed:
+        log(f"augmentation: {stats.failed} of {len(passages)} documents failed (left out)")
+    records = {r.doc_id: r for r in read_augmented(path)}
+    return [records[d] for d in doc_ids if d in records and records[d].qa]
+
+
+def stage_llm_embeddings(model, tokenizer, model_id: str, data: Data, doc_ids: list[str],
+                         out: Path) -> EmbeddingTable:
+    """DyPRAG's ``llm`` source: the base model's last-token state of each passage in
+    ``doc_ids`` (training documents and every test question's retrieved ones), stored
+    beside the index so that answering needs no extra forward."""
+    import numpy as np
+
+    from dyprag.embed import LLMEmbedder
+
+    wanted = set(doc_ids)
+    passages = [p for p in iter_corpus(data.corpus) if p.id in wanted]
+    ids = [p.id for p in passages]
+    key = _fingerprint(model_id, ids, [p.text for p in passages])
+    meta_path, path = out / "llm-embeddings.json", out / "llm-embeddings.npy"
+    if not (meta_path.is_file() and read_json(meta_path).get("fingerprint") == key
+            and path.is_file()):
+        meta_path.unlink(missing_ok=True)
+        vectors = LLMEmbedder(model, tokenizer, model_id).encode([p.text for p in passages])
+        tmp = path.with_name(path.name + ".tmp.npy")
+        np.save(tmp, vectors)
+        os.replace(tmp, path)
+        atomic_write_json(meta_path, {"fingerprint": key, "model": model_id, "ids": ids})
+    return EmbeddingTable(read_json(meta_path)["ids"], np.load(path, mmap_mode="r"))
+
+
+def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, model_id: str,
+                        data: Data, doc_ids: list[str], out: Path) -> EmbeddingTable:
+    if config["translator"]["embedding"] == "llm":
+        return stage_llm_embeddings(model, tokenizer, model_id, data, doc_ids, out / "index")
+    if retriever.embeddings is None:
+        raise ValueError("translator.embedding 'retriever' needs a dense index "
+                         "(index.method dense or hybrid)")
+    return EmbeddingTable([p.id for p in iter_corpus(data.corpus)], retriever.embeddings)
+
+
+# ---- the whole run ----------------------------------------------------------------------------
+def run(config: dict) -> dict | None:
+    """Every stage; returns the eval results on rank 0 (None on other ranks)."""
+    torch.manual_seed(config["run"]["seed"])
+    out = run_dir(config)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_rank_zero():
+        atomic_write_text(out / "config.yaml", dump(config))
+    started = time.perf_counter()
+    data = stage_data(config, out)
+    log(f"data: {len(data.train)} training and {len(data.test)} test questions")
+    load_path, model_id = stage_base(config, data, out)
+    model, tokenizer = load_model(load_path, dtype=_dtype(config), device=_device(config))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    retriever = stage_index(config, data, out)
+
+    doc_ids = training_documents(config, data, retriever)
+    docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
+    log(f"augmented {len(docs)} training documents")
+    bank_dir = build_bank(model, tokenizer, docs, out / "bank", bank_config(config),
+                          base_model=model_id)
+    bank = LoRABank(bank_dir, base_model=model_id)
+    log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
+    test, hits = test_retrieval(config, data, retriever)
+    embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
+                                     doc_ids + [d for h in hits for d in h], out)
+
+    fitted = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out)
+    if not fitted.is_global_zero:
+        return None
+    results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,
+                         Knowledge({p.id: p.text for p in iter_corpus(data.corpus)},
+                                   translator=fitted.translator, embeddings=embeddings))
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
+    atomic_write_json(out / "eval.json", results)
+    log_results(fitted.loggers, results, out)
+    return results
+
+
+def test_retrieval(config: dict, data: Data, retriever: Retriever) -> tuple[list[QAExample], list]:
+    """The evaluated questions and their top-k document ids (k: the largest of eval.modes)."""
+    ev = config["eval"]
+    test = data.test[:ev["limit"]] if ev["limit"] else data.test
+    if not test:
+        raise ValueError("no test questions to evaluate")
+    k_max = max([parse_mode(m)[1] for m in ev["modes"]] + [1])
+    hits = retriever.retrieve([qa.question for qa in test], k=k_max)
+    return test, [[d for d, _ in h] for h in hits]
+
+
+def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[str]], model,
+               tokenizer, model_id: str, out: Path, knowledge: Knowledge) -> dict:
+    """Every mode of ``eval.modes`` on the test questions; PRAG modes first train the bank
+    LoRAs of the documents retrieved for them (a second bank, ``bank-eval``)."""
+    ev = config["eval"]
+    questions = [qa.question for qa in test]
+    recall = {}
+    if all("doc_id" in qa.meta for qa in test):
+        recall = {f"recall@{k}": sum(qa.meta["doc_id"] in h[:k] for qa, h in zip(test, hits))
+                  / len(test) for k in sorted({1, len(hits[0])})}
+    prag_k = max([parse_mode(m)[1] for m in ev["modes"] if m.startswith("prag")] + [0])
+    if prag_k:
+        needed = list(dict.fromkeys(d for h in hits for d in h[:prag_k]))
+        docs = stage_augment(config, data, needed, out / "augmented-eval.jsonl", model, tokenizer)
+        knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / "bank-eval",
+                                             bank_config(config), base_model=model_id),
+                                  base_model=model_id)
+    scores, predictions = evaluate(
+        model, tokenizer, ev["modes"], questions, [qa.answers for qa in test], hits, knowledge,
+        ev["max_new_tokens"], ev["batch_size"],
+        progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"))
+    samples = [{"question": qa.question, "gold": qa.answers[0],
+                **{m: predictions[m][i] for m in ev["modes"]}}
+               for i, qa in enumerate(test[:ev["samples"]])]
+    return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in scores.items()},
+            "em": {m: s["em"] for m, s in scores.items()}, "samples": samples}
+
+
+def _dtype(config: dict) -> str:
+    dtype = config["model"]["dtype"]
+    if dtype == "auto":
+        return "bfloat16" if torch.cuda.is_available() else "float32"
+    return dtype
+
+
+def _device(config: dict) -> str:
+    device = config["model"]["device"]
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def table(results: dict) -> str:
+    """The final F1/EM table, one row per mode."""
+    lines = [f"{'mode':16s} {'EM':>6s} {'F1':>6s}", "-" * 30]
+    lines += [f"{m:16s} {results['em'][m]:6.3f} {f1:6.3f}" for m, f1 in results["f1"].items()]
+    extra = [f"{k} {v:.3f}" for k, v in results.items() if k.startswith("recall@")]
+    return "\n".join(lines + ([", ".join(extra)] if extra else []) +
+                     [f"{results['questions']} test questions"])

@@ -1,0 +1,206 @@
+"""The translator stage of ``train.py``: a Lightning fit with loggers, checkpoints and resume.
+
+    translator = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out)
+
+- data: the bank's documents split into training and held-out ones (``data.val_fraction``,
+  seeded); each row is (document embedding, bank LoRA, one augmented training example);
+- logs: CSV (``<run>/logs/metrics.csv``) and W&B (``<run>/wandb/``, offline unless the user
+  configured W&B or set ``wandb.mode=online``);
+- checkpoints: Lightning's ``<run>/lightning/last.ckpt`` (translator and optimizer only) for
+  resuming, then the translator as safetensors + ``meta.json`` in ``<run>/translator/``;
+- caching: a finished translator whose fingerprint matches is loaded, not retrained.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+
+from dyprag.augment import AugmentedDoc
+from dyprag.bank import LoRABank, document_examples
+from dyprag.config import bank_config
+from dyprag.distill import (
+    DistillationData,
+    DistillationDataModule,
+    TranslatorDistillation,
+    ValidationQuestions,
+)
+from dyprag.evaluate import EmbeddingTable
+from dyprag.files import atomic_write_json, read_json
+from dyprag.inject import inject_lora
+from dyprag.prompts import qa_prompt
+from dyprag.translator import ParameterTranslator, load_translator, save_translator
+
+
+def is_rank_zero() -> bool:
+    """True outside multi-process runs and in their first process (Lightning's launcher sets
+    LOCAL_RANK in the others before they re-run the script)."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+@dataclass
+class Fitted:
+    translator: ParameterTranslator
+    loggers: list[Logger]
+    is_global_zero: bool
+
+
+def split_documents(docs: list[AugmentedDoc], val_fraction: float,
+                    seed: int) -> tuple[list[AugmentedDoc], list[AugmentedDoc]]:
+    """A seeded split into (train, held-out); at least one of each when there are ≥ 2."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_val = min(len(docs) - 1, max(1, round(val_fraction * len(docs)))) if val_fraction > 0 else 0
+    held = set(order[:n_val])
+    return ([d for i, d in enumerate(docs) if i not in held],
+            [d for i, d in enumerate(docs) if i in held])
+
+
+def _data(docs: list[AugmentedDoc], config: dict, tokenizer, bank: LoRABank,
+          embeddings: EmbeddingTable) -> DistillationData:
+    ids = [d.doc_id for d in docs]
+    recipe = bank_config(config)
+    return DistillationData(embeddings.get(ids), bank.get(ids),
+                            [document_examples(d, recipe, tokenizer) for d in docs])
+
+
+def _validation_questions(docs: list[AugmentedDoc], limit: int, tokenizer,
+                          embeddings: EmbeddingTable) -> ValidationQuestions | None:
+    rows = [(d.doc_id, qa) for d in docs for qa in d.qa][:limit]
+    if not rows:
+        return None
+    return ValidationQuestions(tokenizer, embeddings.get([d for d, _ in rows]),
+                               [qa_prompt(qa["question"]) for _, qa in rows],
+                               [[qa["answer"]] for _, qa in rows])
+
+
+def make_loggers(config: dict, out: Path) -> list[Logger]:
+    """CSV always; W&B unless ``wandb.mode`` is 'disabled'. Offline unless asked for online
+    or the user configured W&B (WANDB_MODE / WANDB_API_KEY), so nothing probes the network."""
+    loggers: list[Logger] = [CSVLogger(out, name="logs", version="")]
+    w = config["wandb"]
+    mode = w["mode"] or os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode != "disabled":
+        loggers.append(WandbLogger(project=w["project"], name=w["name"] or config["run"]["name"],
+                                   save_dir=str(out), offline=mode != "online",
+                                   config=copy.deepcopy(config)))
+    return loggers
+
+
+def _fingerprint(config: dict, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
+                 train: list[AugmentedDoc], val: list[AugmentedDoc]) -> str:
+    keep = {k: v for k, v in config["train"].items()
+            if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
+    parts = [config["translator"], keep, bank.meta["fingerprint"], model_id,
+             config["run"]["seed"], [d.doc_id for d in train], [d.doc_id for d in val],
+             float(embeddings.vectors[:8].sum())]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
+                   embeddings: EmbeddingTable, model_id: str, out: Path,
+                   callbacks: list[pl.Callback] = ()) -> Fitted:
+    train_docs, val_docs = split_documents(docs, config["data"]["val_fraction"],
+                                           config["run"]["seed"])
+    key = _fingerprint(config, bank, embeddings, model_id, train_docs, val_docs)
+    saved, ckpt_dir = out / "translator", out / "lightning"
+    loggers = make_loggers(config, out)
+    shapes = inject_lora(model).shapes
+    if (saved / "meta.json").is_file() and read_json(saved / "meta.json").get("fingerprint") == key:
+        translator, _ = load_translator(saved, model_id, shapes, device=model.device)
+        return Fitted(translator, loggers, is_rank_zero())
+
+    t, tr = config["translator"], config["train"]
+    pl.seed_everything(config["run"]["seed"], verbose=False)
+    translator = ParameterTranslator(shapes, embeddings.dim, bank.rank, bank.meta["alpha"],
+                                     t["architecture"], t["hidden"], t["target_embed_dim"])
+    system = TranslatorDistillation(model, translator, lr=tr["lr"], weight_decay=tr["weight_decay"],
+                                    warmup_steps=tr["warmup_steps"], total_steps=None,
+                                    w_lm=tr["w_lm"], w_kl=tr["w_kl"], w_mse=tr["w_mse"],
+                                    mse_space=tr["mse_space"])
+    system.val_qa = _validation_questions(val_docs, tr["val_questions"], tokenizer, embeddings)
+    datamodule = DistillationDataModule(
+        tokenizer, _data(train_docs, config, tokenizer, bank, embeddings),
+        _data(val_docs, config, tokenizer, bank, embeddings) if val_docs else None,
+        tr["batch_size"], tr["num_workers"])
+
+    resume = _resume_point(ckpt_dir, key)
+    trainer = pl.Trainer(
+        max_epochs=tr["epochs"], accelerator=tr["accelerator"], devices=tr["devices"],
+        strategy=tr["strategy"], precision=_precision(tr["precision"]),
+        gradient_clip_val=tr["gradient_clip"], logger=loggers,
+        log_every_n_steps=min(tr["log_every_n_steps"],
+                              max(1, math.ceil(len(datamodule.train) / tr["batch_size"]))),
+        callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
+                                   every_n_epochs=1), *callbacks],
+        enable_model_summary=False, num_sanity_val_steps=0)
+    if trainer.is_global_zero:
+        atomic_write_json(ckpt_dir / "fingerprint.json", {"fingerprint": key})
+    try:
+        trainer.fit(system, datamodule=datamodule, ckpt_path=resume)
+    except BaseException:
+        for logger in loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish(exit_code=1)
+        raise
+    if trainer.is_global_zero:
+        save_translator(translator, saved, {
+            "base_model": model_id, "embedder": config["translator"]["embedding"],
+            "embedding_dim": embeddings.dim, "fingerprint": key, "bank": bank.meta["fingerprint"],
+            "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr["epochs"]})
+    return Fitted(translator.eval(), loggers, trainer.is_global_zero)
+
+
+def _resume_point(ckpt_dir: Path, key: str) -> str | None:
+    """``last.ckpt`` of an interrupted fit with the same fingerprint; another run's is removed."""
+    marker, last = ckpt_dir / "fingerprint.json", ckpt_dir / "last.ckpt"
+    if last.is_file() and marker.is_file() and read_json(marker).get("fingerprint") == key:
+        return str(last)
+    if ckpt_dir.exists() and is_rank_zero():
+        shutil.rmtree(ckpt_dir)
+    return None
+
+
+def _precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
+    return precision
+
+
+def log_results(loggers: list[Logger], results: dict, out: Path) -> None:
+    """Eval F1/EM by mode into every logger; the sample answers as a W&B table and a CSV."""
+    metrics = {f"eval/{m}/{mode}": v for m in ("f1", "em") for mode, v in results[m].items()}
+    samples = results["samples"]
+    columns = list(samples[0]) if samples else []
+    for logger in loggers:
+        logger.log_metrics(metrics)
+        if isinstance(logger, WandbLogger) and samples:
+            logger.log_table("eval/samples", columns=columns,
+                             data=[[str(s[c]) for c in columns] for s in samples])
+            logger.experiment.summary.update(metrics)
+        logger.save()
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()  # flushes the run file; a later run starts a new one
+    if samples:
+        tmp = out / "logs" / "samples.csv.tmp"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(samples)
+        os.replace(tmp, out / "logs" / "samples.csv")

@@ -1,0 +1,162 @@
+"""train.py end to end on a tiny world: table, outputs, logs, checkpoints, cache, resume, ddp."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import yaml
+from torch.testing import assert_close
+from wandb_log import history_keys
+
+import train
+from dyprag.config import load_config
+from dyprag.files import read_json
+from dyprag.inject import inject_lora
+from dyprag.models import load_model
+from dyprag.translator import load_translator
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ["vanilla", "rag@1", "prag@1", "dyprag@1", "dyprag@3", "dyprag+rag@3"]
+LOGGED = ["train/loss", "train/lm", "train/kl", "train/mse", "train/lr", "train/grad_norm",
+          "train/lora_rms_student", "train/lora_rms_teacher", "val/loss", "val/kl",
+          "val/dyprag_f1", *(f"eval/f1/{m}" for m in MODES)]
+
+
+def tiny_run_config(tmp: Path) -> Path:
+    """A run config over a world of 30 + 12 + 6 people and a 2-layer base model."""
+    schema = yaml.safe_load((ROOT / "configs" / "world.yaml").read_text())
+    schema["splits"] = {"pretrain": 30, "train": 12, "test": 6}
+    (tmp / "world.yaml").write_text(yaml.safe_dump(schema))
+    config = {
+        "run": {"name": "tiny", "root": str(tmp / "checkpoints")},
+        "data": {"world": str(tmp / "world.yaml")},
+        "model": {"pretrain": {"reading_single": 100, "reading_multi": 60, "hidden_size": 32,
+                               "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "intermediate_size": 48, "warmup_steps": 5}},
+        "bank": {"epochs": 2, "docs_per_step": 8},
+        "train": {"epochs": 2, "batch_size": 8, "warmup_steps": 2},
+        "eval": {"modes": MODES, "samples": 3},
+        "wandb": {"mode": "offline"},
+    }
+    (tmp / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp / "run.yaml"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    config = tiny_run_config(tmp)
+    train.main(["--config", str(config)])
+    return config, tmp / "checkpoints" / "tiny"
+
+
+def test_the_run_prints_a_table_and_writes_every_mode(run, capsys):
+    config, out = run
+    results = read_json(out / "eval.json")
+    assert list(results["f1"]) == MODES
+    assert all(0 <= f1 <= 1 for f1 in results["f1"].values())
+    assert results["questions"] == 60 and results["translator_params"] > 0
+    assert load_config(out / "config.yaml") == load_config(config)  # the resolved config
+
+
+def test_csv_log_holds_every_term_and_the_eval(run):
+    _, out = run
+    with (out / "logs" / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    for key in LOGGED:
+        assert any(row.get(key) for row in rows), f"{key} missing from metrics.csv"
+    with (out / "logs" / "samples.csv").open() as f:
+        samples = list(csv.DictReader(f))
+    assert len(samples) == 3 and set(samples[0]) == {"question", "gold", *MODES}
+
+
+def test_wandb_offline_run_holds_every_term_and_the_samples_table(run):
+    _, out = run
+    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    keys = history_keys(files[0])
+    assert set(LOGGED) <= keys, set(LOGGED) - keys
+    assert list((out / "wandb").glob("offline-run-*/files/media/table/eval/samples_*.table.json"))
+
+
+def test_translator_checkpoint_round_trip_and_refusals(run):
+    _, out = run
+    meta = read_json(out / "translator" / "meta.json")
+    model, _ = load_model(out / "base")
+    shapes = inject_lora(model).shapes
+    translator, _ = load_translator(out / "translator", meta["base_model"], shapes)
+    emb = torch.randn(2, meta["embedding_dim"])
+    again, _ = load_translator(out / "translator", meta["base_model"], shapes)
+    assert_close(translator(emb).A, again(emb).A)
+    with pytest.raises(ValueError, match="meta-llama/Llama-3.2-1B.*" + meta["base_model"]
+                       + "|" + meta["base_model"] + ".*meta-llama/Llama-3.2-1B"):
+        load_translator(out / "translator", "meta-llama/Llama-3.2-1B", shapes)
+    other = {k: (i * 2, o) for k, (i, o) in shapes.items()}
+    with pytest.raises(ValueError, match="layer 0"):
+        load_translator(out / "translator", meta["base_model"], other)
+
+
+def test_a_second_run_reuses_every_stage(run):
+    config, out = run
+    before = (out / "translator" / "translator.safetensors").stat().st_mtime_ns
+    train.main(["--config", str(config), "eval.modes=[vanilla]"])
+    assert (out / "translator" / "translator.safetensors").stat().st_mtime_ns == before
+    assert list(read_json(out / "eval.json")["f1"]) == ["vanilla"]
+
+
+class Interrupt(pl.Callback):
+    """Counts training batches; raises at the first batch of epoch ``crash_at``, after the
+    previous epoch's checkpoint is written."""
+
+    def __init__(self, crash_at: int | None):
+        self.crash_at, self.batches = crash_at, 0
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.current_epoch == self.crash_at:
+            raise RuntimeError("simulated crash")
+        self.batches += 1
+
+
+def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
+    from dyprag import pipeline, training
+
+    config_path, out = run
+    config = load_config(config_path, ["train.lr=2e-3", "eval.modes=[vanilla]"])
+    fit = training.fit_translator
+    crash = Interrupt(crash_at=1)
+    monkeypatch.setattr(training, "fit_translator", lambda *a: fit(*a, callbacks=[crash]))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pipeline.run(config)
+    assert (out / "lightning" / "last.ckpt").is_file()
+    assert not (out / "translator" / "meta.json").is_file() or \
+        read_json(out / "translator" / "meta.json")["fingerprint"] != \
+        read_json(out / "lightning" / "fingerprint.json")["fingerprint"]
+    counter = Interrupt(crash_at=None)
+    monkeypatch.setattr(training, "fit_translator", lambda *a: fit(*a, callbacks=[counter]))
+    pipeline.run(config)
+    steps_per_epoch = crash.batches  # the crashed run finished epoch 0 only
+    assert counter.batches == steps_per_epoch  # only the second epoch ran again
+    assert read_json(out / "translator" / "meta.json")["fingerprint"] == \
+        read_json(out / "lightning" / "fingerprint.json")["fingerprint"]
+
+
+def test_ddp_with_two_cpu_processes(run):
+    config, out = run
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config), "train.lr=3e-3",
+         "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu",
+         "eval.modes=[vanilla,dyprag@1]"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dyprag@1" in proc.stdout
+    meta = read_json(out / "translator" / "meta.json")
+    assert json.loads((out / "lightning" / "fingerprint.json").read_text())["fingerprint"] == \
+        meta["fingerprint"]
