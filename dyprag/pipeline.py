@@ -207,6 +207,7 @@ def run(config: dict) -> dict | None:
                                    translator=fitted.translator, embeddings=embeddings))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
+    results["translator_fit_f1"] = read_json(out / "translator" / "meta.json")["dyprag_f1"]
     atomic_write_json(out / "eval.json", results)
     log_results(fitted.loggers, results, out)
     return results
@@ -269,6 +270,11 @@ def table(results: dict) -> str:
     """The final F1/EM table, one row per mode."""
     lines = [f"{'mode':16s} {'EM':>6s} {'F1':>6s}", "-" * 30]
     lines += [f"{m:16s} {results['em'][m]:6.3f} {f1:6.3f}" for m, f1 in results["f1"].items()]
-    extra = [f"{k} {v:.3f}" for k, v in results.items() if k.startswith("recall@")]
-    return "\n".join(lines + ([", ".join(extra)] if extra else []) +
-                     [f"{results['questions']} test questions"])
+    recall = [f"{k} {v:.3f}" for k, v in results.items() if k.startswith("recall@")]
+    lines += [", ".join(recall)] if recall else []
+    fit = results.get("translator_fit_f1", {})
+    if fit.get("seen") is not None:
+        lines.append(f"translator on its training documents' questions: F1 {fit['seen']:.3f}"
+                     + (f"; on held-out documents': {fit['held_out']:.3f}"
+                        if fit.get("held_out") is not None else ""))
+    return "\n".join(lines + [f"{results['questions']} test questions"])

@@ -41,7 +41,8 @@ from dyprag.distill import (
 from dyprag.evaluate import EmbeddingTable
 from dyprag.files import atomic_write_json, read_json
 from dyprag.inject import inject_lora
-from dyprag.prompts import qa_prompt
+from dyprag.metrics import score
+from dyprag.prompts import generate_answers, qa_prompt
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
 
 
@@ -85,6 +86,18 @@ def _validation_questions(docs: list[AugmentedDoc], limit: int, tokenizer,
     return ValidationQuestions(tokenizer, embeddings.get([d for d, _ in rows]),
                                [qa_prompt(qa["question"]) for _, qa in rows],
                                [[qa["answer"]] for _, qa in rows])
+
+
+def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], limit: int,
+           tokenizer, embeddings: EmbeddingTable) -> float | None:
+    """DyPRAG F1 on the augmented questions of ``docs``, each with its own document's
+    generated LoRA: on training documents it measures fit, on held-out ones generalisation."""
+    q = _validation_questions(docs, limit, tokenizer, embeddings)
+    if q is None:
+        return None
+    with torch.no_grad():
+        lora = translator(q.embeddings.to(model.device)).detach()
+    return score(generate_answers(model, tokenizer, q.prompts, lora=lora), q.answers)["f1"]
 
 
 def make_loggers(config: dict, out: Path) -> list[Logger]:
@@ -158,10 +171,14 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
                 logger.experiment.finish(exit_code=1)
         raise
     if trainer.is_global_zero:
+        translator.eval()
+        fit = {name: fit_f1(model, translator, group, tr["val_questions"], tokenizer, embeddings)
+               for name, group in (("seen", train_docs), ("held_out", val_docs))}
         save_translator(translator, saved, {
             "base_model": model_id, "embedder": config["translator"]["embedding"],
             "embedding_dim": embeddings.dim, "fingerprint": key, "bank": bank.meta["fingerprint"],
-            "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr["epochs"]})
+            "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr["epochs"],
+            "dyprag_f1": fit})
     return Fitted(translator.eval(), loggers, trainer.is_global_zero)
 
 
@@ -184,6 +201,8 @@ def _precision(precision: str) -> str:
 def log_results(loggers: list[Logger], results: dict, out: Path) -> None:
     """Eval F1/EM by mode into every logger; the sample answers as a W&B table and a CSV."""
     metrics = {f"eval/{m}/{mode}": v for m in ("f1", "em") for mode, v in results[m].items()}
+    metrics.update({f"eval/translator_fit_f1/{k}": v
+                    for k, v in results.get("translator_fit_f1", {}).items() if v is not None})
     samples = results["samples"]
     columns = list(samples[0]) if samples else []
     for logger in loggers:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MODES = ["vanilla", "rag@1", "prag@1", "dyprag@1", "dyprag@3", "dyprag+rag@3"]
 LOGGED = ["train/loss", "train/lm", "train/kl", "train/mse", "train/lr", "train/grad_norm",
           "train/lora_rms_student", "train/lora_rms_teacher", "val/loss", "val/kl",
-          "val/dyprag_f1", *(f"eval/f1/{m}" for m in MODES)]
+          "val/dyprag_f1", "eval/translator_fit_f1/seen", *(f"eval/f1/{m}" for m in MODES)]
 
 
 def tiny_run_config(tmp: Path) -> Path:
@@ -132,7 +132,7 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
     config = load_config(config_path, ["train.lr=2e-3", "eval.modes=[vanilla]"])
     fit = training.fit_translator
     crash = Interrupt(crash_at=1)
-    monkeypatch.setattr(training, "fit_translator", lambda *a: fit(*a, callbacks=[crash]))
+    monkeypatch.setattr(pipeline, "fit_translator", lambda *a: fit(*a, callbacks=[crash]))
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run(config)
     assert (out / "lightning" / "last.ckpt").is_file()
@@ -140,7 +140,7 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
         read_json(out / "translator" / "meta.json")["fingerprint"] != \
         read_json(out / "lightning" / "fingerprint.json")["fingerprint"]
     counter = Interrupt(crash_at=None)
-    monkeypatch.setattr(training, "fit_translator", lambda *a: fit(*a, callbacks=[counter]))
+    monkeypatch.setattr(pipeline, "fit_translator", lambda *a: fit(*a, callbacks=[counter]))
     pipeline.run(config)
     steps_per_epoch = crash.batches  # the crashed run finished epoch 0 only
     assert counter.batches == steps_per_epoch  # only the second epoch ran again
