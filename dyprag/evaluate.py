@@ -39,6 +39,7 @@ class EmbeddingTable:
 
     ids: list[str]
     vectors: np.ndarray
+    name: str = ""  # the embedder: checkpoints record it, so a mismatch can be refused
 
     def __post_init__(self) -> None:
         if len(self.ids) != len(self.vectors):
@@ -48,6 +49,11 @@ class EmbeddingTable:
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
+
+    def extended(self, ids: Sequence[str], vectors: np.ndarray) -> EmbeddingTable:
+        """This table plus rows for ``ids`` (e.g. passages embedded at query time)."""
+        return EmbeddingTable([*self.ids, *ids], np.concatenate([self.vectors, vectors]),
+                              self.name)
 
     def get(self, doc_ids: Sequence[str]) -> Tensor:
         missing = [d for d in doc_ids if d not in self.row]

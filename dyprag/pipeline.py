@@ -158,7 +158,8 @@ def stage_llm_embeddings(model, tokenizer, model_id: str, data: Data, doc_ids: l
         np.save(tmp, vectors)
         os.replace(tmp, path)
         atomic_write_json(meta_path, {"fingerprint": key, "model": model_id, "ids": ids})
-    return EmbeddingTable(read_json(meta_path)["ids"], np.load(path, mmap_mode="r"))
+    return EmbeddingTable(read_json(meta_path)["ids"], np.load(path, mmap_mode="r"),
+                          f"llm:{model_id}")
 
 
 def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, model_id: str,
@@ -168,7 +169,8 @@ def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, mo
     if retriever.embeddings is None:
         raise ValueError("translator.embedding 'retriever' needs a dense index "
                          "(index.method dense or hybrid)")
-    return EmbeddingTable([p.id for p in iter_corpus(data.corpus)], retriever.embeddings)
+    return EmbeddingTable([p.id for p in iter_corpus(data.corpus)], retriever.embeddings,
+                          retriever.embedder.name)
 
 
 # ---- the whole run ----------------------------------------------------------------------------

@@ -175,7 +175,8 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
         fit = {name: fit_f1(model, translator, group, tr["val_questions"], tokenizer, embeddings)
                for name, group in (("seen", train_docs), ("held_out", val_docs))}
         save_translator(translator, saved, {
-            "base_model": model_id, "embedder": config["translator"]["embedding"],
+            "base_model": model_id, "embedding": config["translator"]["embedding"],
+            "embedder": embeddings.name,
             "embedding_dim": embeddings.dim, "fingerprint": key, "bank": bank.meta["fingerprint"],
             "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr["epochs"],
             "dyprag_f1": fit})

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
+import yaml
 
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
@@ -51,3 +54,39 @@ def arch(request) -> str:
 
 def tokens(batch: int, length: int, seed: int = 2, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---- a tiny trained run (train.py end to end), shared by test_train and test_infer ----------
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN_MODES = ["vanilla", "rag@1", "prag@1", "dyprag@1", "dyprag@3", "dyprag+rag@3"]
+
+
+def tiny_run_config(tmp: Path) -> Path:
+    """A run config over a world of 30 + 12 + 6 people and a 2-layer base model."""
+    schema = yaml.safe_load((ROOT / "configs" / "world.yaml").read_text())
+    schema["splits"] = {"pretrain": 30, "train": 12, "test": 6}
+    (tmp / "world.yaml").write_text(yaml.safe_dump(schema))
+    config = {
+        "run": {"name": "tiny", "root": str(tmp / "checkpoints")},
+        "data": {"world": str(tmp / "world.yaml")},
+        "model": {"pretrain": {"reading_single": 100, "reading_multi": 60, "hidden_size": 32,
+                               "num_hidden_layers": 2, "num_attention_heads": 4,
+                               "intermediate_size": 48, "warmup_steps": 5}},
+        "bank": {"epochs": 2, "docs_per_step": 8},
+        "train": {"epochs": 2, "batch_size": 8, "warmup_steps": 2},
+        "eval": {"modes": TINY_RUN_MODES, "samples": 3},
+        "wandb": {"mode": "offline"},
+    }
+    (tmp / "run.yaml").write_text(yaml.safe_dump(config))
+    return tmp / "run.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(config path, run directory) of ``train.py`` on a world of 30 + 12 + 6 people."""
+    import train
+
+    tmp = tmp_path_factory.mktemp("train")
+    config = tiny_run_config(tmp)
+    train.main(["--config", str(config)])
+    return config, tmp / "checkpoints" / "tiny"

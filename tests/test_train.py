@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-import yaml
+from conftest import TINY_RUN_MODES as MODES
 from torch.testing import assert_close
 from wandb_log import history_keys
 
@@ -24,41 +24,17 @@ from dyprag.translator import load_translator
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ["vanilla", "rag@1", "prag@1", "dyprag@1", "dyprag@3", "dyprag+rag@3"]
 LOGGED = ["train/loss", "train/lm", "train/kl", "train/mse", "train/lr", "train/grad_norm",
           "train/lora_rms_student", "train/lora_rms_teacher", "val/loss", "val/kl",
           "val/dyprag_f1", "eval/translator_fit_f1/seen", *(f"eval/f1/{m}" for m in MODES)]
 
 
-def tiny_run_config(tmp: Path) -> Path:
-    """A run config over a world of 30 + 12 + 6 people and a 2-layer base model."""
-    schema = yaml.safe_load((ROOT / "configs" / "world.yaml").read_text())
-    schema["splits"] = {"pretrain": 30, "train": 12, "test": 6}
-    (tmp / "world.yaml").write_text(yaml.safe_dump(schema))
-    config = {
-        "run": {"name": "tiny", "root": str(tmp / "checkpoints")},
-        "data": {"world": str(tmp / "world.yaml")},
-        "model": {"pretrain": {"reading_single": 100, "reading_multi": 60, "hidden_size": 32,
-                               "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "intermediate_size": 48, "warmup_steps": 5}},
-        "bank": {"epochs": 2, "docs_per_step": 8},
-        "train": {"epochs": 2, "batch_size": 8, "warmup_steps": 2},
-        "eval": {"modes": MODES, "samples": 3},
-        "wandb": {"mode": "offline"},
-    }
-    (tmp / "run.yaml").write_text(yaml.safe_dump(config))
-    return tmp / "run.yaml"
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    config = tiny_run_config(tmp)
-    train.main(["--config", str(config)])
-    return config, tmp / "checkpoints" / "tiny"
-
-
-def test_the_run_prints_a_table_and_writes_every_mode(run, capsys):
+def test_the_run_prints_a_table_and_writes_every_mode(run):
     config, out = run
     results = read_json(out / "eval.json")
     assert list(results["f1"]) == MODES

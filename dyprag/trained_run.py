@@ -1,0 +1,132 @@
+"""A finished ``train.py`` run, opened for answering questions (``infer.py``).
+
+    run = TrainedRun.open("checkpoints/world")
+    hits = run.retrieve(["Where was Nerys Northcott born?"], k=3)   # [[(doc id, score)]]
+    answers = run.answer(questions, [[d for d, _ in h] for h in hits], "dyprag@3")
+
+Everything comes from the run directory: the resolved ``config.yaml``, the base model (the
+world's own, or ``model.name``), the index, the translator (refused when it was trained for
+another base model or FFN shape) and the document embeddings it reads. Answers are batched:
+every question gets its own combined LoRA in one ``generate`` per batch (per-sample
+injection), never a merge/unmerge per question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from dyprag.bank import LoRABank
+from dyprag.config import load_config, parse_mode
+from dyprag.corpus import iter_corpus
+from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
+from dyprag.files import read_json
+from dyprag.inject import inject_lora
+from dyprag.lora import LoRA
+from dyprag.models import load_model
+from dyprag.retrieval import Retriever, load_retriever
+from dyprag.translator import load_translator
+
+
+class RunError(ValueError):
+    """A run directory that cannot answer (missing or incomplete, or mismatched parts)."""
+
+
+def latest_run(root: str | Path = "checkpoints") -> Path:
+    """The run under ``root`` whose translator was saved last."""
+    runs = sorted(Path(root).glob("*/translator/meta.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise RunError(f"no trained run under {root}/ (run `python train.py` first, or pass --run)")
+    return runs[-1].parent.parent
+
+
+class TrainedRun:
+    def __init__(self, path: Path, config: dict, model, tokenizer, model_id: str,
+                 retriever: Retriever, knowledge: Knowledge):
+        self.path, self.config = path, config
+        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
+        self.retriever, self.knowledge = retriever, knowledge
+
+    @classmethod
+    def open(cls, path: str | Path, device: str | None = None) -> TrainedRun:
+        path = Path(path)
+        for need in ("config.yaml", "translator/meta.json", "index/meta.json"):
+            if not (path / need).is_file():
+                raise RunError(f"{path} is not a finished run: {need} is missing "
+                               "(train it with `python train.py`, or resume it)")
+        config = load_config(path / "config.yaml")
+        if config["model"]["name"] == "world":
+            load_path = path / "base"
+            model_id = f"world:{read_json(load_path / 'pretrain.json')['fingerprint']}"
+            corpus = path / "world" / "corpus.jsonl"
+        else:
+            load_path = model_id = config["model"]["name"]
+            corpus = Path(config["data"]["corpus"])
+        from dyprag.pipeline import _device, _dtype
+
+        model, tokenizer = load_model(load_path, dtype=_dtype(config), device=device or _device(config))
+        translator, meta = load_translator(path / "translator", model_id,
+                                           inject_lora(model).shapes, device=model.device)
+        retriever = load_retriever(path / "index")
+        if not corpus.is_file():
+            raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")
+        passages = {p.id: p.text for p in iter_corpus(corpus)}
+        embeddings = _embeddings(path, meta, retriever, list(passages))
+        bank = LoRABank(path / "bank", base_model=model_id) if (path / "bank" / "meta.json").is_file() \
+            else None
+        return cls(path, config, model, tokenizer, model_id, retriever,
+                   Knowledge(passages, bank=bank, translator=translator.eval(),
+                             embeddings=embeddings))
+
+    def retrieve(self, questions: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+        return self.retriever.retrieve(list(questions), k)
+
+    def answer(self, questions: Sequence[str], hits: Sequence[Sequence[str]], mode: str,
+               max_new_tokens: int | None = None, batch_size: int | None = None) -> list[str]:
+        name, _ = parse_mode(mode)
+        if name.startswith("prag"):
+            bank = self.knowledge.bank
+            missing = sorted(d for d in {d for h in hits for d in h} if bank is None or d not in bank)
+            if missing:
+                raise RunError(f"mode {mode} needs bank LoRAs, and documents {missing[:3]} are "
+                               "not in the run's bank (PRAG trains one per document offline)")
+        if name.startswith("dyprag"):
+            self._embed_missing({d for h in hits for d in h})
+        ev = self.config["eval"]
+        return answer(self.model, self.tokenizer, mode, questions, hits, self.knowledge,
+                      max_new_tokens or ev["max_new_tokens"], batch_size or ev["batch_size"])
+
+    def _embed_missing(self, doc_ids: set[str]) -> None:
+        """LLM embeddings are stored for the documents training and eval needed; others are
+        computed here, once (retriever embeddings cover the whole corpus)."""
+        table = self.knowledge.embeddings
+        missing = sorted(d for d in doc_ids if d not in table.row)
+        if missing:
+            from dyprag.embed import LLMEmbedder
+
+            encoder = LLMEmbedder(self.model, self.tokenizer, self.model_id)
+            vectors = encoder.encode([self.knowledge.passages[d] for d in missing])
+            self.knowledge.embeddings = table.extended(missing, vectors)
+
+    def lora(self, doc_ids: Sequence[str], mode: str) -> LoRA | None:
+        """The LoRA ``mode`` injects for one question whose top documents are ``doc_ids``."""
+        if parse_mode(mode)[0].startswith("dyprag"):
+            self._embed_missing(set(doc_ids))
+        lora = mode_lora(mode, [list(doc_ids)], self.knowledge)
+        return None if lora is None else lora[0]
+
+
+def _embeddings(path: Path, meta: dict, retriever: Retriever, ids: list[str]) -> EmbeddingTable:
+    """The table the translator was trained on: the index's vectors or the stored LLM ones."""
+    if meta.get("embedding") == "llm":
+        import numpy as np
+
+        stored = read_json(path / "index" / "llm-embeddings.json")
+        return EmbeddingTable(stored["ids"], np.load(path / "index" / "llm-embeddings.npy",
+                                                     mmap_mode="r"), meta["embedder"])
+    if retriever.embeddings is None or retriever.embedder is None:
+        raise RunError(f"{path}: the translator reads retriever embeddings, but the index has none")
+    if meta.get("embedder") not in (None, retriever.embedder.name):
+        raise RunError(f"translator in {path} was trained on {meta['embedder']} embeddings, the "
+                       f"index holds {retriever.embedder.name}'s")
+    return EmbeddingTable(ids, retriever.embeddings, retriever.embedder.name)

@@ -1,0 +1,88 @@
+"""infer.py on the tiny trained run: every mode, --json, batching, PEFT export, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import infer
+from dyprag.qa import load_qa
+from dyprag.trained_run import TrainedRun
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def questions(tiny_run):
+    _, out = tiny_run
+    return [qa.question for qa in load_qa(out / "world" / "qa_test.jsonl", limit=4)]
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "rag", "dyprag", "dyprag+rag", "prag"])
+def test_every_mode_answers(tiny_run, questions, mode, capsys):
+    _, out = tiny_run
+    code = infer.main(["--run", str(out), "--question", questions[0], "--mode", mode, "--json",
+                       "--k", "1"])
+    captured = capsys.readouterr()
+    if mode == "prag":  # test documents have no bank LoRA in the training bank
+        assert code == 2 and "bank" in captured.err
+        return
+    assert code == 0, captured.err
+    row = json.loads(captured.out.strip().splitlines()[-1])
+    assert set(row) == {"question", "mode", "answer", "passages"}
+    assert row["question"] == questions[0] and isinstance(row["answer"], str)
+    assert len(row["passages"]) == 1 and {"id", "score", "text"} == set(row["passages"][0])
+
+
+def test_batched_answers_equal_one_at_a_time(tiny_run, questions):
+    _, out = tiny_run
+    run = TrainedRun.open(out)
+    hits = [[d for d, _ in h] for h in run.retrieve(questions, 3)]
+    batched = run.answer(questions, hits, "dyprag+rag@3", batch_size=len(questions))
+    alone = [run.answer([q], [h], "dyprag+rag@3")[0] for q, h in zip(questions, hits)]
+    assert batched == alone
+
+
+def test_a_questions_file_skips_malformed_lines(tiny_run, questions, tmp_path, capsys):
+    _, out = tiny_run
+    path = tmp_path / "q.jsonl"
+    path.write_text(f'{questions[0]}\n{{"question": "{questions[1]}"}}\n{{"oops": 1}}\n{{bad\n')
+    assert infer.main(["--run", str(out), "--questions-file", str(path), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert [json.loads(line)["question"] for line in captured.out.strip().splitlines()] == \
+        questions[:2]
+    assert captured.err.count("skipped") == 2 and "q.jsonl:3" in captured.err
+
+
+def test_export_peft_writes_an_adapter(tiny_run, questions, tmp_path):
+    _, out = tiny_run
+    assert infer.main(["--run", str(out), "--question", questions[0],
+                       "--export-peft", str(tmp_path / "adapter")]) == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys):
+    _, out = tiny_run
+    cases = [["--run", str(out), "--question", "  "],
+             ["--run", str(out)],
+             ["--run", str(tmp_path / "nowhere"), "--question", "q"],
+             ["--run", str(out), "--question", "q", "--k", "0"],
+             ["--run", str(out), "--questions-file", str(tmp_path / "none.txt")]]
+    for argv in cases:
+        assert infer.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    with pytest.raises(SystemExit):
+        infer.main(["--run", str(out), "--question", "q", "--mode", "magic"])
+
+
+def test_an_incomplete_run_is_refused(tiny_run, tmp_path, capsys):
+    _, out = tiny_run
+    partial = tmp_path / "partial"
+    shutil.copytree(out, partial, ignore=shutil.ignore_patterns("translator", "wandb", "bank*"))
+    assert infer.main(["--run", str(partial), "--question", "q"]) == 2
+    assert "translator/meta.json is missing" in capsys.readouterr().err
