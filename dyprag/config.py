@@ -56,6 +56,9 @@ DEFAULTS: dict[str, Any] = {
         "w_lm": 1.0, "w_kl": 0.01, "w_mse": 100.0, "mse_space": "delta",
         "gradient_clip": 1.0, "accelerator": "auto", "devices": 1, "strategy": "auto",
         "precision": "auto", "num_workers": 0, "val_questions": 100, "log_every_n_steps": 10,
+        # QA pairs per document also asked with the passage in the prompt (0: the bank's
+        # recipe only).
+        "qa_with_passage": 0,
     },
     "eval": {"modes": ["vanilla", "rag@1", "rag@3", "prag@1", "dyprag@1", "dyprag@3",
                        "dyprag+rag@3"],

@@ -15,6 +15,7 @@ concatenation), never DyPRAG's averaging of A and B.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -127,12 +128,16 @@ def evaluate(model, tokenizer, modes: Sequence[str], questions: Sequence[str],
              golds: Sequence[Sequence[str]], hits: Hits, knowledge: Knowledge,
              max_new_tokens: int = 8, batch_size: int = 64,
              progress=None) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    """Scores (``{mode: {"em", "f1", "n"}}``) and predictions (``{mode: [answer]}``)."""
+    """Scores (``{mode: {"em", "f1", "n", "ms_per_question"}}``: batched wall time, knowledge
+    included) and predictions (``{mode: [answer]}``)."""
     scores, predictions = {}, {}
     for mode in modes:
+        start = time.perf_counter()
         predictions[mode] = answer(model, tokenizer, mode, questions, hits, knowledge,
                                    max_new_tokens, batch_size)
-        scores[mode] = score(predictions[mode], golds)
+        seconds = time.perf_counter() - start
+        scores[mode] = {**score(predictions[mode], golds),
+                        "ms_per_question": 1000 * seconds / max(1, len(questions))}
         if progress is not None:
             progress(mode, scores[mode])
     return scores, predictions

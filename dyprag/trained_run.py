@@ -91,17 +91,17 @@ class TrainedRun:
                 raise RunError(f"mode {mode} needs bank LoRAs, and documents {missing[:3]} are "
                                "not in the run's bank (PRAG trains one per document offline)")
         if name.startswith("dyprag"):
-            self._embed_missing({d for h in hits for d in h})
+            self.ensure_embeddings({d for h in hits for d in h})
         ev = self.config["eval"]
         return answer(self.model, self.tokenizer, mode, questions, hits, self.knowledge,
                       max_new_tokens or ev["max_new_tokens"], batch_size or ev["batch_size"])
 
-    def _embed_missing(self, doc_ids: set[str]) -> None:
+    def ensure_embeddings(self, doc_ids: set[str]) -> None:
         """LLM embeddings are stored for the documents training and eval needed; others are
         computed here, once (retriever embeddings cover the whole corpus)."""
         table = self.knowledge.embeddings
         missing = sorted(d for d in doc_ids if d not in table.row)
-        if missing:
+        if missing and table.name.startswith("llm:"):
             from dyprag.embed import LLMEmbedder
 
             encoder = LLMEmbedder(self.model, self.tokenizer, self.model_id)
@@ -111,7 +111,7 @@ class TrainedRun:
     def lora(self, doc_ids: Sequence[str], mode: str) -> LoRA | None:
         """The LoRA ``mode`` injects for one question whose top documents are ``doc_ids``."""
         if parse_mode(mode)[0].startswith("dyprag"):
-            self._embed_missing(set(doc_ids))
+            self.ensure_embeddings(set(doc_ids))
         lora = mode_lora(mode, [list(doc_ids)], self.knowledge)
         return None if lora is None else lora[0]
 

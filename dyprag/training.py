@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -70,11 +71,15 @@ def split_documents(docs: list[AugmentedDoc], val_fraction: float,
             [d for i, d in enumerate(docs) if i in held])
 
 
-def _data(docs: list[AugmentedDoc], config: dict, tokenizer, bank: LoRABank,
+def _data(docs: list[AugmentedDoc], config: dict, tokenizer, lora_bank: LoRABank,
           embeddings: EmbeddingTable) -> DistillationData:
     ids = [d.doc_id for d in docs]
-    recipe = bank_config(config)
-    return DistillationData(embeddings.get(ids), bank.get(ids),
+    # The bank's recipe, plus (train.qa_with_passage) QA asked with the passage in the prompt:
+    # the generated LoRA must also leave reading intact (DyPRAG+context).
+    bank = bank_config(config)
+    recipe = dataclasses.replace(bank, qa_with_passage=max(bank.qa_with_passage,
+                                                           config["train"]["qa_with_passage"]))
+    return DistillationData(embeddings.get(ids), lora_bank.get(ids),
                             [document_examples(d, recipe, tokenizer) for d in docs])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_model
 from torch.testing import assert_close
 
 from dyprag.config import parse_mode
@@ -14,7 +15,6 @@ from dyprag.lora import combine
 from dyprag.pretrain import build_tokenizer
 from dyprag.prompts import generate_answers, qa_prompt
 from dyprag.translator import ParameterTranslator
-from conftest import tiny_model
 
 PASSAGES = {"a": "Idris was born in Velmora .", "b": "Tamsin works for Halvex .",
             "c": "Orrin studied at Aldergate ."}

@@ -86,3 +86,29 @@ def test_an_incomplete_run_is_refused(tiny_run, tmp_path, capsys):
     shutil.copytree(out, partial, ignore=shutil.ignore_patterns("translator", "wandb", "bank*"))
     assert infer.main(["--run", str(partial), "--question", "q"]) == 2
     assert "translator/meta.json is missing" in capsys.readouterr().err
+
+
+def test_evaluate_writes_the_grid_predictions_plot_and_wandb_run(tiny_run, tmp_path, capsys):
+    import evaluate
+
+    _, out = tiny_run
+    modes = ["vanilla", "rag@1", "dyprag@1"]
+    assert evaluate.main(["--run", str(out), "--modes", *modes, "--limit", "5",
+                          "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert list(report["grid"]["qa_test"]) == modes
+    for scores in report["grid"]["qa_test"].values():
+        assert {"em", "f1", "n", "ms_per_question"} <= set(scores) and scores["n"] == 5
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * len(modes) and {"prediction", "f1", "retrieved"} <= set(rows[0])
+    assert (tmp_path / "f1.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| qa_test | dyprag@1 |" in (tmp_path / "report.md").read_text()
+    assert list(out.glob("wandb/offline-run-*/files/media/table/eval/grid_*.table.json"))
+
+
+def test_evaluate_refuses_an_unknown_mode(tiny_run, capsys):
+    import evaluate
+
+    _, out = tiny_run
+    assert evaluate.main(["--run", str(out), "--modes", "dyprag"]) == 2
+    assert "dyprag@3" in capsys.readouterr().err

@@ -56,8 +56,9 @@ def test_csv_log_holds_every_term_and_the_eval(run):
 
 def test_wandb_offline_run_holds_every_term_and_the_samples_table(run):
     _, out = run
-    files = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(files) == 1
+    # The first run is train.py's (evaluate.py may add its own later); names hold the time.
+    files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert files
     keys = history_keys(files[0])
     assert set(LOGGED) <= keys, set(LOGGED) - keys
     assert list((out / "wandb").glob("offline-run-*/files/media/table/eval/samples_*.table.json"))

@@ -1,0 +1,161 @@
+"""Evaluate a trained run: dataset × mode → EM / F1 / latency, as markdown, JSON, a plot and W&B.
+
+    python evaluate.py                                        # the latest run, its test set
+    python evaluate.py --run checkpoints/world --modes vanilla rag@3 dyprag@1 dyprag+rag@3
+    python evaluate.py --qa data/popqa/popQA.tsv --qa dev.json:2wqa --limit 300
+
+Writes into ``<run>/eval/`` (or ``--out``): ``report.md`` (the grid), ``report.json``,
+``predictions.jsonl`` (one line per dataset × question × mode: question, gold answers,
+retrieved ids, prediction, EM, F1), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
+grid as a table to a W&B run in the run directory (offline unless W&B is configured;
+``--no-wandb`` to skip). Latency is the batched wall time per question, LoRA building and
+injection included. Errors print one line on stderr and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from pathlib import Path
+
+from dyprag.config import parse_mode
+
+DEFAULT_MODES = ["vanilla", "rag@1", "rag@3", "dyprag@1", "dyprag@3", "dyprag+rag@3"]
+
+
+def datasets(args, run) -> list[tuple[str, list]]:
+    from dyprag.qa import load_qa
+
+    if not args.qa:  # the run's own test questions: the first data.test_questions
+        data = run.config["data"]
+        if data["kind"] == "world":
+            path, fmt = run.path / "world" / "qa_test.jsonl", None
+        else:
+            path, fmt = Path(data["test_qa"]), data["qa_format"]
+        return [(path.stem, load_qa(path, fmt, args.limit or data["test_questions"]))]
+    out = []
+    for spec in args.qa:
+        path, _, fmt = spec.partition(":")
+        out.append((Path(path).stem, load_qa(path, fmt or None, args.limit)))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="run directory (default: the latest)")
+    parser.add_argument("--qa", action="append", default=[], metavar="FILE[:FORMAT]",
+                        help="a QA file (repeatable); default: the run's test questions")
+    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
+    parser.add_argument("--limit", type=int, help="questions per dataset")
+    parser.add_argument("--out", type=Path, help="report directory (default: <run>/eval)")
+    parser.add_argument("--no-wandb", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        for mode in args.modes:
+            parse_mode(mode)
+        return _run(args)
+    except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    from dyprag.evaluate import evaluate
+    from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+    from dyprag.metrics import exact_match, f1_score
+    from dyprag.trained_run import TrainedRun, latest_run
+
+    run = TrainedRun.open(args.run or latest_run())
+    out = args.out or run.path / "eval"
+    k = max(parse_mode(m)[1] for m in args.modes) or 1
+    grid, predictions = {}, []
+    for name, examples in datasets(args, run):
+        if not examples:
+            raise ValueError(f"dataset {name} has no questions")
+        questions = [qa.question for qa in examples]
+        hits = [[d for d, _ in h] for h in run.retrieve(questions, k)]
+        if any(parse_mode(m)[0].startswith("dyprag") for m in args.modes):
+            run.ensure_embeddings({d for h in hits for d in h})
+        scores, answers = evaluate(run.model, run.tokenizer, args.modes, questions,
+                                   [qa.answers for qa in examples], hits, run.knowledge,
+                                   run.config["eval"]["max_new_tokens"],
+                                   run.config["eval"]["batch_size"],
+                                   progress=functools.partial(_progress, name))
+        grid[name] = scores
+        predictions += [{"dataset": name, "mode": m, "question": qa.question,
+                         "answers": qa.answers, "retrieved": h, "prediction": answers[m][i],
+                         "em": exact_match(answers[m][i], qa.answers),
+                         "f1": f1_score(answers[m][i], qa.answers)}
+                        for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
+    out.mkdir(parents=True, exist_ok=True)
+    report = markdown(grid, args.modes)
+    atomic_write_text(out / "report.md", report)
+    atomic_write_json(out / "report.json", {"run": str(run.path), "modes": args.modes,
+                                            "grid": grid})
+    atomic_write_jsonl(out / "predictions.jsonl", predictions)
+    plot(grid, args.modes, out / "f1.png")
+    if not args.no_wandb:
+        log_wandb(run, grid, args.modes)
+    print(report)
+    print(f"wrote {out}/report.md, report.json, predictions.jsonl, f1.png", file=sys.stderr)
+    return 0
+
+
+def _progress(dataset: str, mode: str, scores: dict) -> None:
+    print(f"{dataset} {mode}: F1 {scores['f1']:.3f}", file=sys.stderr)
+
+
+def markdown(grid: dict, modes: list[str]) -> str:
+    lines = ["| dataset | mode | EM | F1 | ms / question |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {m} | {s[m]['em']:.3f} | {s[m]['f1']:.3f} | "
+              f"{s[m]['ms_per_question']:.1f} |" for name, s in grid.items() for m in modes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(grid: dict, modes: list[str], path: Path) -> None:
+    """F1 by mode, one bar per dataset; written to a temporary file, then renamed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(modes), 3.6))
+    width = 0.8 / len(grid)
+    for i, (name, scores) in enumerate(grid.items()):
+        ax.bar([j + i * width for j in range(len(modes))], [scores[m]["f1"] for m in modes],
+               width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modes))], modes, rotation=20)
+    ax.set_ylabel("F1")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def log_wandb(run, grid: dict, modes: list[str]) -> None:
+    import wandb
+
+    w = run.config["wandb"]
+    mode = w["mode"] or os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    if mode == "disabled":
+        return
+    with wandb.init(project=w["project"], name=f"{w['name'] or run.config['run']['name']}-eval",
+                    dir=str(run.path), mode=mode, job_type="eval") as wb:
+        columns = ["dataset", "mode", "em", "f1", "ms_per_question"]
+        rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["ms_per_question"]]
+                for name, s in grid.items() for m in modes]
+        wb.log({"eval/grid": wandb.Table(columns=columns, data=rows)})
+        wb.summary.update({f"eval/f1/{name}/{m}": s[m]["f1"] for name, s in grid.items()
+                           for m in modes})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
