@@ -142,9 +142,9 @@ def plot(grid: dict, modes: list[str], path: Path) -> None:
 def log_wandb(run, grid: dict, modes: list[str]) -> None:
     import wandb
 
-    w = run.config["wandb"]
-    mode = w["mode"] or os.environ.get("WANDB_MODE") or (
-        "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    from dyprag.training import wandb_mode
+
+    w, mode = run.config["wandb"], wandb_mode(run.config)
     if mode == "disabled":
         return
     with wandb.init(project=w["project"], name=f"{w['name'] or run.config['run']['name']}-eval",

@@ -105,13 +105,17 @@ def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], lim
     return score(generate_answers(model, tokenizer, q.prompts, lora=lora), q.answers)["f1"]
 
 
+def wandb_mode(config: dict) -> str:
+    """``wandb.mode``, else WANDB_MODE, else online only when the user has an API key."""
+    return config["wandb"]["mode"] or os.environ.get("WANDB_MODE") or (
+        "online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+
 def make_loggers(config: dict, out: Path) -> list[Logger]:
     """CSV always; W&B unless ``wandb.mode`` is 'disabled'. Offline unless asked for online
     or the user configured W&B (WANDB_MODE / WANDB_API_KEY), so nothing probes the network."""
     loggers: list[Logger] = [CSVLogger(out, name="logs", version="")]
-    w = config["wandb"]
-    mode = w["mode"] or os.environ.get("WANDB_MODE") or (
-        "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    w, mode = config["wandb"], wandb_mode(config)
     if mode != "disabled":
         loggers.append(WandbLogger(project=w["project"], name=w["name"] or config["run"]["name"],
                                    save_dir=str(out), offline=mode != "online",
