@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         sys.exit(f"error: {err}")
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        sys.exit("error: start multi-device runs with `python train.py train.devices=N "
+                 "train.strategy=ddp`, not torchrun: Lightning starts the other processes once "
+                 "the stages before the fit are cached")
     if args.print_config:
         print(dump(config), end="")
         return

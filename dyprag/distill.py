@@ -133,6 +133,11 @@ class TranslatorDistillation(pl.LightningModule):
                                            for k in translator.keys])
         self.val_qa: ValidationQuestions | None = None
 
+    def on_fit_start(self) -> None:
+        # The base model is not a submodule, so Lightning does not move it: each process of a
+        # multi-device run puts it on its own device here.
+        self.base.to(self.device)
+
     def losses(self, batch: dict) -> dict[str, Tensor]:
         student = self.translator(batch["embedding"])
         teacher = LoRA(batch["teacher_A"], batch["teacher_B"], self.translator.alpha)

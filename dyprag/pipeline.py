@@ -209,7 +209,7 @@ def run(config: dict) -> dict | None:
                                    translator=fitted.translator, embeddings=embeddings))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
-    results["translator_fit_f1"] = read_json(out / "translator" / "meta.json")["dyprag_f1"]
+    results["translator_fit_f1"] = read_json(out / "translator" / "meta.json").get("dyprag_f1", {})
     atomic_write_json(out / "eval.json", results)
     log_results(fitted.loggers, results, out)
     return results

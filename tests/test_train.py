@@ -137,3 +137,14 @@ def test_ddp_with_two_cpu_processes(run):
     meta = read_json(out / "translator" / "meta.json")
     assert json.loads((out / "lightning" / "fingerprint.json").read_text())["fingerprint"] == \
         meta["fingerprint"]
+
+
+def test_a_torchrun_launch_is_refused(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with pytest.raises(SystemExit, match="not torchrun"):
+        train.main([])
+
+
+def test_bad_overrides_exit_with_one_line_naming_the_fields():
+    with pytest.raises(SystemExit, match="train.bogus: unknown key.*train.lr: must be float"):
+        train.main(["train.lr=fast", "train.bogus=1"])
