@@ -394,6 +394,31 @@ class LoRABank:
         return LoRA.stack(per_question)
 
 
+class BankSet:
+    """Several banks of one base model read as one (train.py's ``bank/`` of training
+    documents and ``bank-eval/`` of retrieved test documents)."""
+
+    def __init__(self, banks: Sequence[LoRABank]):
+        if not banks:
+            raise ValueError("BankSet needs at least one bank")
+        self.banks = list(banks)
+
+    def __len__(self) -> int:
+        return len({d for b in self.banks for d in b.index})
+
+    def __contains__(self, doc_id: str) -> bool:
+        return any(doc_id in b for b in self.banks)
+
+    def get(self, doc_ids: Sequence[str]) -> LoRA:
+        missing = [d for d in doc_ids if d not in self]
+        if missing:
+            raise KeyError(f"documents {missing[:5]} are in none of the banks "
+                           f"{[str(b.path) for b in self.banks]}")
+        return LoRA.stack([next(b for b in self.banks if d in b).get([d])[0] for d in doc_ids])
+
+    combined = LoRABank.combined
+
+
 def main() -> None:
     from dyprag.augment import TemplateAugmenter, augment_corpus, read_augmented
     from dyprag.corpus import iter_corpus

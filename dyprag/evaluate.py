@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dyprag.bank import LoRABank
+from dyprag.bank import BankSet, LoRABank
 from dyprag.config import parse_mode
 from dyprag.lora import LoRA, combine
 from dyprag.metrics import score
@@ -69,7 +69,7 @@ class Knowledge:
     """Where each mode's knowledge comes from; ``bank`` / ``translator`` only for its modes."""
 
     passages: Mapping[str, str]
-    bank: LoRABank | None = None
+    bank: LoRABank | BankSet | None = None
     translator: ParameterTranslator | None = None
     embeddings: EmbeddingTable | None = None
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from dyprag.bank import LoRABank
+from dyprag.bank import BankSet, LoRABank
 from dyprag.config import load_config, parse_mode
 from dyprag.corpus import iter_corpus
 from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
@@ -72,8 +72,9 @@ class TrainedRun:
             raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")
         passages = {p.id: p.text for p in iter_corpus(corpus)}
         embeddings = _embeddings(path, meta, retriever, list(passages))
-        bank = LoRABank(path / "bank", base_model=model_id) if (path / "bank" / "meta.json").is_file() \
-            else None
+        banks = [LoRABank(path / name, base_model=model_id) for name in ("bank", "bank-eval")
+                 if (path / name / "meta.json").is_file()]
+        bank = BankSet(banks) if banks else None
         return cls(path, config, model, tokenizer, model_id, retriever,
                    Knowledge(passages, bank=bank, translator=translator.eval(),
                              embeddings=embeddings))
@@ -89,7 +90,8 @@ class TrainedRun:
             missing = sorted(d for d in {d for h in hits for d in h} if bank is None or d not in bank)
             if missing:
                 raise RunError(f"mode {mode} needs bank LoRAs, and documents {missing[:3]} are "
-                               "not in the run's bank (PRAG trains one per document offline)")
+                               "not in the run's banks (PRAG trains one per document offline: "
+                               "add a prag mode to eval.modes to train those of the test set)")
         if name.startswith("dyprag"):
             self.ensure_embeddings({d for h in hits for d in h})
         ev = self.config["eval"]
