@@ -23,8 +23,10 @@ logs/metrics.csv, logs/samples.csv, wandb/ (offline unless W&B is configured), e
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 from dyprag.config import DEFAULTS, dump, load_config
 
@@ -54,7 +56,14 @@ def main(argv: list[str] | None = None) -> None:
         print(dump(config), end="")
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1") if config["model"]["name"] == "world" else None
+    if config["model"]["name"] == "world":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: no network probes
+    # Lightning's info lines (an advert, "GPU available: False"), a deprecation warning it
+    # raises itself under this torch, and its note on the resume checkpoint directory are
+    # noise between the stages' own progress lines.
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
     from dyprag.pipeline import run, table
 
