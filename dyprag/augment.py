@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,6 +84,24 @@ class TemplateAugmenter:
                   for attr, value in entity["attributes"].items() for t in self.templates[attr]]
             records.append(AugmentedDoc(p.id, p.text, list(entity["rewrites"]), qa))
         return records
+
+
+def fresh_documents(world_dir: str | Path, count: int, seed: int) -> list[AugmentedDoc]:
+    """``count`` bios of fresh people (names and facts not in the world), augmented like
+    ``TemplateAugmenter`` does: extra documents for the translator's LM term (no bank LoRA)."""
+    from dyprag.world import fresh_entities, render
+
+    schema = read_json(Path(world_dir) / "schema.json")
+    rng = random.Random(f"{seed}-extra-documents")
+    docs = []
+    for entity in fresh_entities(schema, count, rng):
+        qa = [{"question": t.format(name=entity.name), "answer": value}
+              for attr, value in entity.attributes.items()
+              for t in schema["augment_question_templates"][attr]]
+        docs.append(AugmentedDoc(f"extra-{entity.id}", render(entity, schema["bio_templates"], rng),
+                                 [render(entity, schema["rewrite_templates"], rng)
+                                  for _ in range(2)], qa))
+    return docs
 
 
 # ---- a real LLM ----------------------------------------------------------------------------------

@@ -39,6 +39,9 @@ DEFAULTS: dict[str, Any] = {
         # "retrieved" (the top ``index.k`` passages of each training question, as PRAG does).
         "train_docs": "gold",
         "val_fraction": 0.1,
+        # The world only: bios of this many fresh people added to the translator's training
+        # data with the LM term only (no bank LoRA): cheap data for the hypernetwork.
+        "extra_docs": 0,
     },
     "model": {
         # "world": pretrain the tiny base model on the world; else a hub id or local path.
@@ -70,8 +73,8 @@ CHOICES = {
     ("data", "kind"): ("world", "qa"),
     ("data", "train_docs"): ("gold", "retrieved"),
     ("index", "method"): ("dense", "bm25", "hybrid"),
-    ("translator", "architecture"): ("per_layer", "shared"),
-    ("translator", "embedding"): ("retriever", "llm"),
+    ("translator", "architecture"): ("per_layer", "shared", "linear"),
+    ("translator", "embedding"): ("retriever", "llm", "tokens"),
     ("train", "mse_space"): ("delta", "factor"),
     ("bank", "loss_on"): ("answer", "all"),
     ("bank", "init"): ("shared", "warmup"),
@@ -179,6 +182,9 @@ def validate(config: dict, complete: bool = True) -> list[str]:
         if config["model"]["name"] == "world":
             problems.append("model.name: 'world' is the synthetic world's own model; "
                             "with data.kind 'qa' give a hub id or a local path")
+    if data["extra_docs"] < 0 or (data["extra_docs"] and data["kind"] != "world"):
+        problems.append(f"data.extra_docs: must be ≥ 0, and only the world makes them; got "
+                        f"{data['extra_docs']} with data.kind {data['kind']!r}")
     if not 0 <= data["val_fraction"] < 1:
         problems.append(f"data.val_fraction: must be in [0, 1), got {data['val_fraction']}")
     for key in ("epochs", "batch_size", "val_questions", "log_every_n_steps"):

@@ -48,11 +48,15 @@ class DistillationData(Dataset):
     same order; ``examples[i]``: document ``i``'s training sequences.
     """
 
-    def __init__(self, embeddings: Tensor, teachers: LoRA, examples: Sequence[Sequence[Segments]]):
+    def __init__(self, embeddings: Tensor, teachers: LoRA, examples: Sequence[Sequence[Segments]],
+                 distilled: Tensor | None = None):
         if not (embeddings.shape[0] == teachers.batch_size == len(examples)):
             raise ValueError(f"{embeddings.shape[0]} embeddings, {teachers.batch_size} bank "
                              f"LoRAs and {len(examples)} example lists must match")
         self.embeddings, self.teachers = embeddings, teachers
+        # (num_docs,) 1 for documents with a bank LoRA, 0 for LM-only ones (their teacher
+        # rows are placeholders that the KL and MSE terms ignore).
+        self.distilled = torch.ones(len(examples)) if distilled is None else distilled.float()
         self.rows = [(i, ex) for i, doc in enumerate(examples) for ex in doc]
 
     def __len__(self) -> int:
@@ -67,16 +71,17 @@ class DistillationData(Dataset):
         batch["embedding"] = self.embeddings[docs]
         teacher = self.teachers[docs]
         batch["teacher_A"], batch["teacher_B"] = teacher.A, teacher.B
+        batch["distilled"] = self.distilled[docs]
         return batch
 
 
 def delta_mse(x: LoRA, y: LoRA, entries: Tensor) -> Tensor:
-    """Mean squared difference of the entries of ``ΔW_x`` and ``ΔW_y``, averaged over the
-    targets and the batch: ``mean_t ‖ΔW_x,t − ΔW_y,t‖²_F / (in_t · out_t)``.
+    """Mean squared difference of the entries of ``ΔW_x`` and ``ΔW_y`` over the targets, per
+    batch row: ``mean_t ‖ΔW_x,t − ΔW_y,t‖²_F / (in_t · out_t)``, shape ``(N,)``.
 
     ``entries``: ``in·out`` of each target in ``x.keys`` order."""
     per_target = delta_distance(x, y, per_target=True)  # (N, K)
-    return (per_target / entries.to(per_target)).mean()
+    return (per_target / entries.to(per_target)).mean(-1)
 
 
 @dataclass
@@ -149,16 +154,20 @@ class TranslatorDistillation(pl.LightningModule):
         lm = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
         kl_tokens = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1),
                              log_target=True, reduction="none").sum(-1)  # (N, T)
-        kl = (kl_tokens * mask).sum() / mask.sum()
+        w = batch.get("distilled", torch.ones(ids.shape[0])).to(logits)  # (N,) has a teacher
+        kl_mask = mask * w[:, None]
+        kl = (kl_tokens * kl_mask).sum() / kl_mask.sum().clamp_min(1)
         if self.mse_space == "delta":
-            mse = delta_mse(student, teacher, self.delta_entries)
+            rows = delta_mse(student, teacher, self.delta_entries)  # (N,)
         else:
-            mse = factor_mse(student, teacher).mean()
+            rows = factor_mse(student, teacher)
+        mse = (rows * w).sum() / w.sum().clamp_min(1)
         total = sum(self.weights[k] * v for k, v in (("lm", lm), ("kl", kl), ("mse", mse)))
         with torch.no_grad():
             zero = student.map(torch.zeros_like)
-            norms = {"lora_rms_student": delta_mse(student, zero, self.delta_entries).sqrt(),
-                     "lora_rms_teacher": delta_mse(teacher, zero, self.delta_entries).sqrt()}
+            teacher_ms = (delta_mse(teacher, zero, self.delta_entries) * w).sum() / w.sum().clamp_min(1)
+            norms = {"lora_rms_student": delta_mse(student, zero, self.delta_entries).mean().sqrt(),
+                     "lora_rms_teacher": teacher_ms.sqrt()}
         return {"loss": total, "lm": lm, "kl": kl, "mse": mse, **norms}
 
     def training_step(self, batch: dict, _: int) -> Tensor:

@@ -160,3 +160,27 @@ class LLMEmbedder(Embedder):
             last = batch["attention_mask"].sum(1) - 1  # (n,) index of each row's last token
             rows.append(hidden[torch.arange(len(last)), last].float().cpu().numpy())
         return np.concatenate(rows)
+
+
+class TokenMeanEmbedder(LLMEmbedder):
+    """The mean of the base model's input-token embeddings over each passage, ``(N, hidden)``:
+    no forward pass, and every word of the passage is in it (with tied input and output
+    embeddings, in the very space the model writes answers in)."""
+
+    def __init__(self, model, tokenizer, name: str, batch_size: int = 64):
+        super().__init__(model, tokenizer, name, batch_size)
+        self.name = f"tokens:{name}"
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not one string")
+        table = self.model.get_input_embeddings().weight  # (V, H)
+        rows = [np.zeros((0, self.dim), dtype=np.float32)]
+        for text in texts:
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not ids:
+                raise ValueError(f"passage {text[:40]!r} has no tokens")
+            rows.append(table[torch.tensor(ids, device=table.device)].float().mean(0, keepdim=True)
+                        .cpu().numpy())
+        return np.concatenate(rows)

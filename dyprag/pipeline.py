@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, read_augmented
+from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
 from dyprag.config import bank_config, dump, parse_mode
 from dyprag.corpus import iter_corpus
@@ -136,36 +136,47 @@ def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, mode
     return [records[d] for d in doc_ids if d in records and records[d].qa]
 
 
-def stage_llm_embeddings(model, tokenizer, model_id: str, data: Data, doc_ids: list[str],
-                         out: Path) -> EmbeddingTable:
-    """DyPRAG's ``llm`` source: the base model's last-token state of each passage in
-    ``doc_ids`` (training documents and every test question's retrieved ones), stored
-    beside the index so that answering needs no extra forward."""
+def stage_llm_embeddings(config: dict, model, tokenizer, model_id: str, data: Data,
+                         doc_ids: list[str], out: Path) -> EmbeddingTable:
+    """Embeddings made by the base model (``translator.embedding``: ``llm``, DyPRAG's
+    last-token state, or ``tokens``, the mean input-token embedding) of each passage in
+    ``doc_ids`` (training documents and every test question's retrieved ones), stored beside
+    the index so that answering needs no extra forward."""
     import numpy as np
 
-    from dyprag.embed import LLMEmbedder
-
+    source = config["translator"]["embedding"]
+    encoder = _encoder(config, None, model, tokenizer, model_id)
     wanted = set(doc_ids)
     passages = [p for p in iter_corpus(data.corpus) if p.id in wanted]
     ids = [p.id for p in passages]
-    key = _fingerprint(model_id, ids, [p.text for p in passages])
-    meta_path, path = out / "llm-embeddings.json", out / "llm-embeddings.npy"
+    key = _fingerprint(encoder.name, ids, [p.text for p in passages])
+    meta_path, path = out / f"{source}-embeddings.json", out / f"{source}-embeddings.npy"
     if not (meta_path.is_file() and read_json(meta_path).get("fingerprint") == key
             and path.is_file()):
         meta_path.unlink(missing_ok=True)
-        vectors = LLMEmbedder(model, tokenizer, model_id).encode([p.text for p in passages])
+        vectors = encoder.encode([p.text for p in passages])
         tmp = path.with_name(path.name + ".tmp.npy")
         np.save(tmp, vectors)
         os.replace(tmp, path)
-        atomic_write_json(meta_path, {"fingerprint": key, "model": model_id, "ids": ids})
-    return EmbeddingTable(read_json(meta_path)["ids"], np.load(path, mmap_mode="r"),
-                          f"llm:{model_id}")
+        atomic_write_json(meta_path, {"fingerprint": key, "embedder": encoder.name, "ids": ids})
+    return EmbeddingTable(read_json(meta_path)["ids"], np.load(path, mmap_mode="r"), encoder.name)
+
+
+def _encoder(config: dict, retriever: Retriever, model, tokenizer, model_id: str):
+    """What made the translator's embeddings, to embed passages outside the corpus."""
+    from dyprag.embed import LLMEmbedder, TokenMeanEmbedder
+
+    source = config["translator"]["embedding"]
+    if source == "retriever":
+        return retriever.embedder
+    return (LLMEmbedder if source == "llm" else TokenMeanEmbedder)(model, tokenizer, model_id)
 
 
 def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, model_id: str,
                         data: Data, doc_ids: list[str], out: Path) -> EmbeddingTable:
-    if config["translator"]["embedding"] == "llm":
-        return stage_llm_embeddings(model, tokenizer, model_id, data, doc_ids, out / "index")
+    if config["translator"]["embedding"] != "retriever":
+        return stage_llm_embeddings(config, model, tokenizer, model_id, data, doc_ids,
+                                    out / "index")
     if retriever.embeddings is None:
         raise ValueError("translator.embedding 'retriever' needs a dense index "
                          "(index.method dense or hybrid)")
@@ -200,8 +211,15 @@ def run(config: dict) -> dict | None:
     test, hits = test_retrieval(config, data, retriever)
     embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
                                      doc_ids + [d for h in hits for d in h], out)
+    extra = []
+    if config["data"]["extra_docs"]:
+        extra = fresh_documents(data.world, config["data"]["extra_docs"], config["run"]["seed"])
+        embeddings = embeddings.extended([d.doc_id for d in extra], _encoder(
+            config, retriever, model, tokenizer, model_id).encode([d.text for d in extra]))
+        log(f"{len(extra)} extra documents for the translator's LM term")
 
-    fitted = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out)
+    fitted = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out,
+                            extra=extra)
     if not fitted.is_global_zero:
         return None
     results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,

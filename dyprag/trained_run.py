@@ -103,10 +103,11 @@ class TrainedRun:
         computed here, once (retriever embeddings cover the whole corpus)."""
         table = self.knowledge.embeddings
         missing = sorted(d for d in doc_ids if d not in table.row)
-        if missing and table.name.startswith("llm:"):
-            from dyprag.embed import LLMEmbedder
+        if missing and table.name.startswith(("llm:", "tokens:")):
+            from dyprag.embed import LLMEmbedder, TokenMeanEmbedder
 
-            encoder = LLMEmbedder(self.model, self.tokenizer, self.model_id)
+            kind = LLMEmbedder if table.name.startswith("llm:") else TokenMeanEmbedder
+            encoder = kind(self.model, self.tokenizer, self.model_id)
             vectors = encoder.encode([self.knowledge.passages[d] for d in missing])
             self.knowledge.embeddings = table.extended(missing, vectors)
 
@@ -120,11 +121,12 @@ class TrainedRun:
 
 def _embeddings(path: Path, meta: dict, retriever: Retriever, ids: list[str]) -> EmbeddingTable:
     """The table the translator was trained on: the index's vectors or the stored LLM ones."""
-    if meta.get("embedding") == "llm":
+    source = meta.get("embedding")
+    if source in ("llm", "tokens"):
         import numpy as np
 
-        stored = read_json(path / "index" / "llm-embeddings.json")
-        return EmbeddingTable(stored["ids"], np.load(path / "index" / "llm-embeddings.npy",
+        stored = read_json(path / "index" / f"{source}-embeddings.json")
+        return EmbeddingTable(stored["ids"], np.load(path / "index" / f"{source}-embeddings.npy",
                                                      mmap_mode="r"), meta["embedder"])
     if retriever.embeddings is None or retriever.embedder is None:
         raise RunError(f"{path}: the translator reads retriever embeddings, but the index has none")

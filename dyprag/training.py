@@ -22,6 +22,7 @@ import math
 import os
 import random
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from dyprag.distill import (
 from dyprag.evaluate import EmbeddingTable
 from dyprag.files import atomic_write_json, read_json
 from dyprag.inject import inject_lora
+from dyprag.lora import LoRA
 from dyprag.metrics import score
 from dyprag.prompts import generate_answers, qa_prompt
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
@@ -72,15 +74,22 @@ def split_documents(docs: list[AugmentedDoc], val_fraction: float,
 
 
 def _data(docs: list[AugmentedDoc], config: dict, tokenizer, lora_bank: LoRABank,
-          embeddings: EmbeddingTable) -> DistillationData:
+          embeddings: EmbeddingTable, extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
+    """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
     ids = [d.doc_id for d in docs]
     # The bank's recipe, plus (train.qa_with_passage) QA asked with the passage in the prompt:
     # the generated LoRA must also leave reading intact (DyPRAG+context).
     bank = bank_config(config)
     recipe = dataclasses.replace(bank, qa_with_passage=max(bank.qa_with_passage,
                                                            config["train"]["qa_with_passage"]))
-    return DistillationData(embeddings.get(ids), lora_bank.get(ids),
-                            [document_examples(d, recipe, tokenizer) for d in docs])
+    teachers = lora_bank.get(ids)
+    if extra:
+        teachers = LoRA.stack([*(teachers[i] for i in range(len(ids))),
+                               *[teachers[0].map(torch.zeros_like)] * len(extra)])
+    every = [*docs, *extra]
+    return DistillationData(embeddings.get([d.doc_id for d in every]), teachers,
+                            [document_examples(d, recipe, tokenizer) for d in every],
+                            torch.tensor([1.0] * len(docs) + [0.0] * len(extra)))
 
 
 def _validation_questions(docs: list[AugmentedDoc], limit: int, tokenizer,
@@ -124,21 +133,24 @@ def make_loggers(config: dict, out: Path) -> list[Logger]:
 
 
 def _fingerprint(config: dict, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
-                 train: list[AugmentedDoc], val: list[AugmentedDoc]) -> str:
+                 train: list[AugmentedDoc], val: list[AugmentedDoc], extra: list[str]) -> str:
     keep = {k: v for k, v in config["train"].items()
             if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
     parts = [config["translator"], keep, bank.meta["fingerprint"], model_id,
              config["run"]["seed"], [d.doc_id for d in train], [d.doc_id for d in val],
-             float(embeddings.vectors[:8].sum())]
+             float(embeddings.vectors[:8].sum()), extra]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
                    embeddings: EmbeddingTable, model_id: str, out: Path,
-                   callbacks: list[pl.Callback] = ()) -> Fitted:
+                   callbacks: list[pl.Callback] = (), extra: Sequence[AugmentedDoc] = ()) -> Fitted:
+    """Fit (or load, or resume) the translator on ``docs`` (with bank LoRAs) and ``extra``
+    documents (LM term only; every embedding must be in ``embeddings``)."""
     train_docs, val_docs = split_documents(docs, config["data"]["val_fraction"],
                                            config["run"]["seed"])
-    key = _fingerprint(config, bank, embeddings, model_id, train_docs, val_docs)
+    key = _fingerprint(config, bank, embeddings, model_id, train_docs, val_docs,
+                       [d.text for d in extra])
     saved, ckpt_dir = out / "translator", out / "lightning"
     loggers = make_loggers(config, out)
     shapes = inject_lora(model).shapes
@@ -156,7 +168,7 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
                                     mse_space=tr["mse_space"])
     system.val_qa = _validation_questions(val_docs, tr["val_questions"], tokenizer, embeddings)
     datamodule = DistillationDataModule(
-        tokenizer, _data(train_docs, config, tokenizer, bank, embeddings),
+        tokenizer, _data(train_docs, config, tokenizer, bank, embeddings, extra),
         _data(val_docs, config, tokenizer, bank, embeddings) if val_docs else None,
         tr["batch_size"], tr["num_workers"])
 

@@ -2,7 +2,7 @@
 
     emb (N, D) ──► per (layer, module): A (N, r, in), B (N, out, r) ──► LoRA (scaling α/r)
 
-Two architectures (DESIGN.md §3):
+Architectures (DESIGN.md §3):
 
 - ``per_layer`` (DyPRAG's): one 2-layer MLP ``D → hidden → r·(in + out)`` per (layer,
   module), hidden width 32 by default. Its parameter count grows with layers × modules.
@@ -12,8 +12,10 @@ Two architectures (DESIGN.md §3):
 
 The B half of every output head starts at zero, so the first generated deltas ``s·BA`` are
 exactly zero (the model starts as the base model), while A starts random so gradients reach
-B. The generated LoRA carries the bank's alpha and rank, hence the same scaling as the
-teacher (DyPRAG's reference code drops the scaling from generated deltas; we do not).
+B. A third, ``linear`` (an experiment, for small models: its size is Σ out·r·D), makes B
+linear in the embedding (zero at init) and A one learned matrix per target shared by all
+documents. The generated LoRA carries the bank's alpha and rank, hence the same scaling as
+the teacher (DyPRAG's reference code drops the scaling from generated deltas; we do not).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from dyprag.lora import Key, LoRA
 from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
 
-ARCHITECTURES = ("per_layer", "shared")
+ARCHITECTURES = ("per_layer", "shared", "linear")
 
 
 def _head(hidden: int, rank: int, in_features: int, out_features: int) -> nn.Linear:
@@ -41,6 +43,14 @@ def _head(hidden: int, rank: int, in_features: int, out_features: int) -> nn.Lin
         head.weight[rank * in_features:].zero_()
         head.bias.zero_()
     return head
+
+
+def _zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    return layer
 
 
 class ParameterTranslator(nn.Module):
@@ -64,7 +74,15 @@ class ParameterTranslator(nn.Module):
         self.embed_dim, self.rank, self.alpha = embed_dim, rank, float(alpha)
         self.architecture, self.hidden = architecture, hidden
         self.target_embed_dim = target_embed_dim
-        if architecture == "per_layer":
+        if architecture == "linear":
+            # Per target: B linear in the embedding (zero at init), A one learned matrix.
+            g = torch.Generator().manual_seed(0)
+            self.b_maps = nn.ModuleDict({f"{layer}_{module}": _zero_linear(
+                embed_dim, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
+            self.a = nn.ParameterDict({f"{layer}_{module}": nn.Parameter(
+                torch.randn(rank, self.shapes[(layer, module)][0], generator=g)
+                * self.shapes[(layer, module)][0] ** -0.5) for layer, module in self.keys})
+        elif architecture == "per_layer":
             self.mlps = nn.ModuleDict({
                 f"{layer}_{module}": nn.Sequential(
                     nn.Linear(embed_dim, hidden), nn.ReLU(),
@@ -93,6 +111,12 @@ class ParameterTranslator(nn.Module):
             raise ValueError(f"embeddings must be (N, {self.embed_dim}), got {tuple(emb.shape)}")
         n, r = emb.shape[0], self.rank
         A, B = {}, {}
+        if self.architecture == "linear":
+            for key in self.keys:
+                name = f"{key[0]}_{key[1]}"
+                A[key] = self.a[name].expand(n, -1, -1)  # (N, r, in), shared by every document
+                B[key] = self.b_maps[name](emb).view(n, self.shapes[key][1], r)  # (N, out, r)
+            return LoRA(A, B, self.alpha)
         if self.architecture == "per_layer":
             outputs = {k: self.mlps[f"{k[0]}_{k[1]}"](emb) for k in self.keys}
         else:

@@ -125,3 +125,18 @@ def test_llm_augmenter_wraps_prompts_in_the_chat_template_when_there_is_one():
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
     assert LLMAugmenter.from_model(model, tokenizer).chat("hi") == "<|user|>hi<|assistant|>"
+
+
+def test_fresh_documents_are_new_people_asked_with_augmentation_phrasings(world):
+    from dyprag.augment import fresh_documents
+    from dyprag.world import load_entities
+
+    docs = fresh_documents(world, 5, seed=0)
+    assert [d.doc_id for d in docs] == [d.doc_id for d in fresh_documents(world, 5, seed=0)]
+    names = {e["name"] for e in load_entities(world)}
+    schema = load_schema(CONFIG)
+    for doc in docs:
+        assert not any(name in doc.text for name in names)
+        assert len(doc.qa) == sum(len(t) for t in schema["augment_question_templates"].values())
+        assert len(doc.rewrites) == 2 and all(qa["answer"] in doc.text for qa in doc.qa)
+

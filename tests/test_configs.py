@@ -85,3 +85,10 @@ def test_qa_runs_need_data_and_a_real_model():
         load_config(None, ["data.kind=qa"])
     for field in ("data.corpus", "data.train_qa", "data.test_qa", "model.name"):
         assert field in str(err.value)
+
+
+def test_extra_documents_are_the_worlds_only():
+    assert load_config(None, ["data.extra_docs=10"])["data"]["extra_docs"] == 10
+    with pytest.raises(ValueError, match="data.extra_docs"):
+        load_config(None, ["data.kind=qa", "data.extra_docs=10", "data.corpus=c",
+                           "data.train_qa=t", "data.test_qa=t", "model.name=m"])

@@ -116,3 +116,18 @@ def test_lm_term_is_the_answer_tokens_next_token_loss():
     assert_close(losses["lm"], model(input_ids=batch["input_ids"],
                                      attention_mask=batch["attention_mask"],
                                      labels=batch["labels"]).loss)
+
+
+def test_lm_only_rows_are_left_out_of_the_kl_and_mse():
+    model, tokenizer, translator, data = setup(teacher_std=0.3)
+    system = TranslatorDistillation(model, translator)
+    batch = batch_of(data, tokenizer)
+    only_first = data.rows[0][0]  # the document of row 0
+    batch["distilled"] = (torch.tensor([i for i, _ in data.rows]) == only_first).float()
+    before = system.losses(batch)
+    for key in ("teacher_A", "teacher_B"):  # garbage teachers on the LM-only rows
+        batch[key] = {k: torch.where(batch["distilled"].view(-1, 1, 1) > 0, v, v * 50 + 3)
+                      for k, v in batch[key].items()}
+    after = system.losses(batch)
+    for term in ("kl", "mse", "lm"):
+        assert_close(after[term], before[term])

@@ -66,3 +66,22 @@ def test_llm_embedder_takes_the_last_real_tokens_state_and_fills_a_corpus_file(t
     write_corpus_jsonl([Passage(f"d{i}", "", t) for i, t in enumerate(texts)], corpus)
     stored = embedder.embed_corpus(corpus, tmp_path / "llm.npy", show_progress=False)
     np.testing.assert_allclose(stored, batched, rtol=1e-5, atol=1e-6)
+
+
+def test_token_mean_embedder_is_the_mean_input_embedding_of_each_passage():
+    import torch
+
+    from dyprag.embed import TokenMeanEmbedder
+    from dyprag.pretrain import build_tokenizer
+    from conftest import tiny_model
+
+    texts = ["Idris Kael was born in Velmora .", "Velmora"]
+    tokenizer = build_tokenizer(texts)
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    embedder = TokenMeanEmbedder(model, tokenizer, "tiny")
+    got = embedder.encode(texts)
+    assert embedder.name == "tokens:tiny" and got.shape == (2, model.config.hidden_size)
+    for row, text in zip(got, texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        expected = model.get_input_embeddings().weight[torch.tensor(ids)].mean(0)
+        np.testing.assert_allclose(row, expected.detach().numpy(), rtol=1e-5, atol=1e-6)

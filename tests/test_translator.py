@@ -11,7 +11,7 @@ from dyprag.translator import ParameterTranslator, load_translator, save_transla
 from conftest import tiny_model, tokens
 
 
-@pytest.fixture(params=["per_layer", "shared"])
+@pytest.fixture(params=["per_layer", "shared", "linear"])
 def architecture(request) -> str:
     return request.param
 
