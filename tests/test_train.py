@@ -109,7 +109,7 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
     config = load_config(config_path, ["train.lr=2e-3", "eval.modes=[vanilla]"])
     fit = training.fit_translator
     crash = Interrupt(crash_at=1)
-    monkeypatch.setattr(pipeline, "fit_translator", lambda *a: fit(*a, callbacks=[crash]))
+    monkeypatch.setattr(pipeline, "fit_translator", lambda *a, **kw: fit(*a, **kw, callbacks=[crash]))
     with pytest.raises(RuntimeError, match="simulated crash"):
         pipeline.run(config)
     assert (out / "lightning" / "last.ckpt").is_file()
@@ -117,7 +117,7 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
         read_json(out / "translator" / "meta.json")["fingerprint"] != \
         read_json(out / "lightning" / "fingerprint.json")["fingerprint"]
     counter = Interrupt(crash_at=None)
-    monkeypatch.setattr(pipeline, "fit_translator", lambda *a: fit(*a, callbacks=[counter]))
+    monkeypatch.setattr(pipeline, "fit_translator", lambda *a, **kw: fit(*a, **kw, callbacks=[counter]))
     pipeline.run(config)
     steps_per_epoch = crash.batches  # the crashed run finished epoch 0 only
     assert counter.batches == steps_per_epoch  # only the second epoch ran again
