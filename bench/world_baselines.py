@@ -14,7 +14,8 @@
 Prints one JSON object as its last line: ``recall@1``, ``recall@3``, ``f1`` and ``em`` by
 mode, ``f1_shared`` (dyprag@1 of the shared translator), ``translator_params`` by
 architecture, ``translator_fit_f1`` (DyPRAG F1 on the augmented questions of the documents
-each translator trained on, ``seen``, and of held-out ones), ``pretrain_seconds``, ``bank_seconds``, ``train_seconds``.
+each translator trained on, ``seen``, and of held-out ones), ``pretrain_seconds``,
+``bank_seconds``, ``train_seconds``.
 Targets: recall@3 ≥ 0.95, rag@3 ≥ 0.90, vanilla ≤ 0.15; prag@1 ≥ 0.80, prag+rag@3 ≥ rag@3;
 dyprag@1 ≥ 0.80 and ≥ 0.9 × prag@1, dyprag+rag@3 ≥ rag@3; shared ≤ 25% of per_layer's
 parameters at dyprag@1 within 0.02; train_seconds ≤ 600.

@@ -149,6 +149,16 @@ def parse_override(text: str) -> dict:
     return value
 
 
+def _is(value: Any, wanted: type | None, optional: bool) -> bool:
+    """``value`` fits a field of type ``wanted`` (None: any); an int is a float, a bool is no
+    int; ``optional`` fields (default None) also take None."""
+    if wanted is None or (optional and value is None):
+        return True
+    if isinstance(value, bool):
+        return wanted is bool
+    return isinstance(value, wanted) or (wanted is float and isinstance(value, int))
+
+
 def validate(config: dict, complete: bool = True) -> list[str]:
     """Every problem with a merged config, each as 'section.key: what is wrong'.
 
@@ -161,10 +171,7 @@ def validate(config: dict, complete: bool = True) -> list[str]:
             if (section, key) in CHOICES:
                 if value not in CHOICES[(section, key)]:
                     problems.append(f"{name}: must be one of {CHOICES[(section, key)]}, got {value!r}")
-            elif value is None and (section, key) in TYPES or wanted is float and isinstance(value, int) and not isinstance(value, bool):
-                continue
-            elif wanted is not None and not isinstance(value, wanted) or (
-                    wanted is int and isinstance(value, bool)):
+            elif not _is(value, wanted, optional=(section, key) in TYPES):
                 problems.append(f"{name}: must be {wanted.__name__}, got {value!r}")
     modes = config["eval"]["modes"]
     for mode in modes if isinstance(modes, list) else [modes]:

@@ -7,11 +7,18 @@ imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def fingerprint(data: Any) -> str:
+    """A short stable hash of JSON-serialisable ``data`` (dict key order does not matter):
+    the cache key that every stage stores beside its output."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -14,8 +14,6 @@ read, and only rank 0 evaluates and writes the results.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from dyprag.bank import LoRABank, build_bank
 from dyprag.config import bank_config, dump, parse_mode
 from dyprag.corpus import iter_corpus
 from dyprag.evaluate import EmbeddingTable, Knowledge, evaluate
-from dyprag.files import atomic_write_json, atomic_write_text, read_json
+from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.models import load_model
 from dyprag.qa import QAExample, load_qa
 from dyprag.retrieval import Retriever, build_retriever
@@ -45,10 +43,6 @@ class Data:
 
 def run_dir(config: dict) -> Path:
     return Path(config["run"]["root"]) / config["run"]["name"]
-
-
-def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def log(message: str) -> None:
@@ -96,7 +90,12 @@ def stage_base(config: dict, data: Data, out: Path) -> tuple[str, str]:
     base = pretrain_base(data.world, out / "base", **config["model"]["pretrain"])
     log(f"base model ready ({time.perf_counter() - start:.0f}s; "
         f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
-    return str(base), f"world:{read_json(base / 'pretrain.json')['fingerprint']}"
+    return str(base), world_model_id(base)
+
+
+def world_model_id(base: Path) -> str:
+    """The id banks and translators record for the world's pretrained model in ``base``."""
+    return f"world:{read_json(base / 'pretrain.json')['fingerprint']}"
 
 
 def stage_index(config: dict, data: Data, out: Path) -> Retriever:
@@ -145,11 +144,11 @@ def stage_llm_embeddings(config: dict, model, tokenizer, model_id: str, data: Da
     import numpy as np
 
     source = config["translator"]["embedding"]
-    encoder = _encoder(config, None, model, tokenizer, model_id)
+    encoder = translator_encoder(config, None, model, tokenizer, model_id)
     wanted = set(doc_ids)
     passages = [p for p in iter_corpus(data.corpus) if p.id in wanted]
     ids = [p.id for p in passages]
-    key = _fingerprint(encoder.name, ids, [p.text for p in passages])
+    key = fingerprint([encoder.name, ids, [p.text for p in passages]])
     meta_path, path = out / f"{source}-embeddings.json", out / f"{source}-embeddings.npy"
     if not (meta_path.is_file() and read_json(meta_path).get("fingerprint") == key
             and path.is_file()):
@@ -159,10 +158,28 @@ def stage_llm_embeddings(config: dict, model, tokenizer, model_id: str, data: Da
         np.save(tmp, vectors)
         os.replace(tmp, path)
         atomic_write_json(meta_path, {"fingerprint": key, "embedder": encoder.name, "ids": ids})
-    return EmbeddingTable(read_json(meta_path)["ids"], np.load(path, mmap_mode="r"), encoder.name)
+    return stored_embeddings(out, source)
 
 
-def _encoder(config: dict, retriever: Retriever, model, tokenizer, model_id: str):
+def stored_embeddings(index_dir: Path, source: str) -> EmbeddingTable:
+    """The ``llm`` or ``tokens`` embeddings ``stage_llm_embeddings`` stored in ``index_dir``."""
+    import numpy as np
+
+    meta = read_json(index_dir / f"{source}-embeddings.json")
+    return EmbeddingTable(meta["ids"], np.load(index_dir / f"{source}-embeddings.npy",
+                                               mmap_mode="r"), meta["embedder"])
+
+
+def retriever_embeddings(retriever: Retriever) -> EmbeddingTable:
+    """The dense index's document vectors (rows in the index's id order)."""
+    if retriever.embeddings is None or retriever.dense is None:
+        raise ValueError("translator.embedding 'retriever' needs a dense index "
+                         "(index.method dense or hybrid)")
+    return EmbeddingTable(retriever.dense.ids, retriever.embeddings, retriever.embedder.name)
+
+
+def translator_encoder(config: dict, retriever: Retriever | None, model, tokenizer,
+                       model_id: str):
     """What made the translator's embeddings, to embed passages outside the corpus."""
     from dyprag.embed import LLMEmbedder, TokenMeanEmbedder
 
@@ -177,11 +194,7 @@ def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, mo
     if config["translator"]["embedding"] != "retriever":
         return stage_llm_embeddings(config, model, tokenizer, model_id, data, doc_ids,
                                     out / "index")
-    if retriever.embeddings is None:
-        raise ValueError("translator.embedding 'retriever' needs a dense index "
-                         "(index.method dense or hybrid)")
-    return EmbeddingTable([p.id for p in iter_corpus(data.corpus)], retriever.embeddings,
-                          retriever.embedder.name)
+    return retriever_embeddings(retriever)
 
 
 # ---- the whole run ----------------------------------------------------------------------------
@@ -196,7 +209,7 @@ def run(config: dict) -> dict | None:
     data = stage_data(config, out)
     log(f"data: {len(data.train)} training and {len(data.test)} test questions")
     load_path, model_id = stage_base(config, data, out)
-    model, tokenizer = load_model(load_path, dtype=_dtype(config), device=_device(config))
+    model, tokenizer = load_model(load_path, dtype=model_dtype(config), device=model_device(config))
     for p in model.parameters():
         p.requires_grad_(False)
     retriever = stage_index(config, data, out)
@@ -214,7 +227,7 @@ def run(config: dict) -> dict | None:
     extra = []
     if config["data"]["extra_docs"]:
         extra = fresh_documents(data.world, config["data"]["extra_docs"], config["run"]["seed"])
-        embeddings = embeddings.extended([d.doc_id for d in extra], _encoder(
+        embeddings = embeddings.extended([d.doc_id for d in extra], translator_encoder(
             config, retriever, model, tokenizer, model_id).encode([d.text for d in extra]))
         log(f"{len(extra)} extra documents for the translator's LM term")
 
@@ -222,8 +235,9 @@ def run(config: dict) -> dict | None:
                             extra=extra)
     if not fitted.is_global_zero:
         return None
+    shown = {d for h in hits for d in h}  # the only passages a prompt can hold
     results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,
-                         Knowledge({p.id: p.text for p in iter_corpus(data.corpus)},
+                         Knowledge({p.id: p.text for p in iter_corpus(data.corpus) if p.id in shown},
                                    translator=fitted.translator, embeddings=embeddings))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
@@ -272,14 +286,14 @@ def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[
             "em": {m: s["em"] for m, s in scores.items()}, "samples": samples}
 
 
-def _dtype(config: dict) -> str:
+def model_dtype(config: dict) -> str:
     dtype = config["model"]["dtype"]
     if dtype == "auto":
         return "bfloat16" if torch.cuda.is_available() else "float32"
     return dtype
 
 
-def _device(config: dict) -> str:
+def model_device(config: dict) -> str:
     device = config["model"]["device"]
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import random
 import time
@@ -33,7 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
 from dyprag.corpus import iter_corpus
-from dyprag.files import atomic_write_json, read_json
+from dyprag.files import atomic_write_json, fingerprint, read_json
 from dyprag.optim import adamw_warmup_cosine
 from dyprag.prompts import Segments, collate, passage_context, qa_prompt
 from dyprag.qa import load_qa
@@ -187,7 +186,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) 
     if unknown:
         raise ValueError(f"unknown pretraining options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
     world_key = read_json(world / "meta.json")["fingerprint"]
-    key = hashlib.sha256(json.dumps([world_key, config], sort_keys=True).encode()).hexdigest()[:16]
+    key = fingerprint([world_key, config])
     meta_path = out / "pretrain.json"
     if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
         return out

@@ -20,10 +20,11 @@ from dyprag.bank import BankSet, LoRABank
 from dyprag.config import load_config, parse_mode
 from dyprag.corpus import iter_corpus
 from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
-from dyprag.files import read_json
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import load_model
+from dyprag.pipeline import (model_device, model_dtype, retriever_embeddings, stored_embeddings,
+                             translator_encoder, world_model_id)
 from dyprag.retrieval import Retriever, load_retriever
 from dyprag.translator import load_translator
 
@@ -57,21 +58,20 @@ class TrainedRun:
         config = load_config(path / "config.yaml")
         if config["model"]["name"] == "world":
             load_path = path / "base"
-            model_id = f"world:{read_json(load_path / 'pretrain.json')['fingerprint']}"
+            model_id = world_model_id(load_path)
             corpus = path / "world" / "corpus.jsonl"
         else:
             load_path = model_id = config["model"]["name"]
             corpus = Path(config["data"]["corpus"])
-        from dyprag.pipeline import _device, _dtype
-
-        model, tokenizer = load_model(load_path, dtype=_dtype(config), device=device or _device(config))
+        model, tokenizer = load_model(load_path, dtype=model_dtype(config),
+                                      device=device or model_device(config))
         translator, meta = load_translator(path / "translator", model_id,
                                            inject_lora(model).shapes, device=model.device)
         retriever = load_retriever(path / "index")
         if not corpus.is_file():
             raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")
         passages = {p.id: p.text for p in iter_corpus(corpus)}
-        embeddings = _embeddings(path, meta, retriever, list(passages))
+        embeddings = _embeddings(path, meta, retriever)
         banks = [LoRABank(path / name, base_model=model_id) for name in ("bank", "bank-eval")
                  if (path / name / "meta.json").is_file()]
         bank = BankSet(banks) if banks else None
@@ -103,11 +103,9 @@ class TrainedRun:
         computed here, once (retriever embeddings cover the whole corpus)."""
         table = self.knowledge.embeddings
         missing = sorted(d for d in doc_ids if d not in table.row)
-        if missing and table.name.startswith(("llm:", "tokens:")):
-            from dyprag.embed import LLMEmbedder, TokenMeanEmbedder
-
-            kind = LLMEmbedder if table.name.startswith("llm:") else TokenMeanEmbedder
-            encoder = kind(self.model, self.tokenizer, self.model_id)
+        if missing and self.config["translator"]["embedding"] != "retriever":
+            encoder = translator_encoder(self.config, self.retriever, self.model, self.tokenizer,
+                                         self.model_id)
             vectors = encoder.encode([self.knowledge.passages[d] for d in missing])
             self.knowledge.embeddings = table.extended(missing, vectors)
 
@@ -119,18 +117,14 @@ class TrainedRun:
         return None if lora is None else lora[0]
 
 
-def _embeddings(path: Path, meta: dict, retriever: Retriever, ids: list[str]) -> EmbeddingTable:
+def _embeddings(path: Path, meta: dict, retriever: Retriever) -> EmbeddingTable:
     """The table the translator was trained on: the index's vectors or the stored LLM ones."""
     source = meta.get("embedding")
     if source in ("llm", "tokens"):
-        import numpy as np
-
-        stored = read_json(path / "index" / f"{source}-embeddings.json")
-        return EmbeddingTable(stored["ids"], np.load(path / "index" / f"{source}-embeddings.npy",
-                                                     mmap_mode="r"), meta["embedder"])
+        return stored_embeddings(path / "index", source)
     if retriever.embeddings is None or retriever.embedder is None:
         raise RunError(f"{path}: the translator reads retriever embeddings, but the index has none")
     if meta.get("embedder") not in (None, retriever.embedder.name):
         raise RunError(f"translator in {path} was trained on {meta['embedder']} embeddings, the "
                        f"index holds {retriever.embedder.name}'s")
-    return EmbeddingTable(ids, retriever.embeddings, retriever.embedder.name)
+    return retriever_embeddings(retriever)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import hashlib
-import json
+import io
 import math
 import os
 import random
@@ -41,7 +40,7 @@ from dyprag.distill import (
     ValidationQuestions,
 )
 from dyprag.evaluate import EmbeddingTable
-from dyprag.files import atomic_write_json, read_json
+from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.metrics import score
@@ -139,7 +138,7 @@ def _fingerprint(config: dict, bank: LoRABank, embeddings: EmbeddingTable, model
     parts = [config["translator"], keep, bank.meta["fingerprint"], model_id,
              config["run"]["seed"], [d.doc_id for d in train], [d.doc_id for d in val],
              float(embeddings.vectors[:8].sum()), extra]
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(parts)
 
 
 def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
@@ -238,10 +237,8 @@ def log_results(loggers: list[Logger], results: dict, out: Path) -> None:
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # flushes the run file; a later run starts a new one
     if samples:
-        tmp = out / "logs" / "samples.csv.tmp"
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, columns)
-            writer.writeheader()
-            writer.writerows(samples)
-        os.replace(tmp, out / "logs" / "samples.csv")
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, columns)
+        writer.writeheader()
+        writer.writerows(samples)
+        atomic_write_text(out / "logs" / "samples.csv", text.getvalue())

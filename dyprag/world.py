@@ -21,7 +21,6 @@ everywhere, so closed-book accuracy on them is at chance.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import random
@@ -32,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from dyprag.files import atomic_write_json, atomic_write_jsonl, read_json
+from dyprag.files import atomic_write_json, atomic_write_jsonl, fingerprint, read_json
 
 SPLITS = ("pretrain", "train", "test")
 TEMPLATE_SETS = ("bio_templates", "rewrite_templates", "question_templates",
@@ -128,11 +127,6 @@ def attribute_values(spec: Any) -> list[str]:
         lo, hi = spec["range"]
         return [str(v) for v in range(int(lo), int(hi) + 1)]
     raise ValueError("must be a list of values or {range: [lo, hi]}")
-
-
-def fingerprint(schema: dict[str, Any]) -> str:
-    """Stable hash of a schema (key order does not matter)."""
-    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_entities(schema: dict[str, Any]) -> list[Entity]:
