@@ -5,8 +5,10 @@
 
 Model: bench/lora_overhead.py's random Llama (hidden 512, 8 layers, intermediate 1408, vocab
 32000). A question is 16 tokens; each of its k = 3 documents ~130 tokens (~100 words); 32
-new tokens, greedy, always 32. Modes, one question at a time:
+new tokens, greedy, always 32. Modes, one question at a time (a lone question's LoRA is merged
+into the weights and unmerged after, as ``dyprag.prompts.generate_answers`` does):
 
+- ``vanilla``: the question alone, no knowledge (the floor of every mode without passages);
 - ``rag``: the 3 passages in the prompt (~400 tokens);
 - ``prag``: the sum of 3 stored bank LoRAs (rank 2 each) injected, the question alone;
 - ``dyprag``: the translator (DyPRAG's per-layer MLPs, 384-d document embeddings) makes the
@@ -14,8 +16,9 @@ new tokens, greedy, always 32. Modes, one question at a time:
 - ``dyprag+rag``: both.
 
 Keys (the last line is one JSON object): ``latency_s`` by mode (median), ``dyprag_over_rag``
-(target ≤ 0.70), ``inject_over_decode_step`` (translate + combine + inject of one question
-over one decoding step; target ≤ 1.0), ``batched_speedup`` (32 questions with their own
+(target ≤ 0.70), ``vanilla_over_rag`` (its floor on this model and device),
+``inject_over_decode_step`` (translate + combine + merge + unmerge of one
+question over one decoding step; target ≤ 1.0), ``batched_speedup`` (32 questions with their own
 DyPRAG LoRAs: one at a time over one batched ``generate`` with per-sample injection; target
 ≥ 5).
 """
@@ -34,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_overhead import build_model, timed
 
 from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine
+from dyprag.lora import LoRA, sum_groups
 from dyprag.models import resolve_dtype
 from dyprag.translator import ParameterTranslator
 
@@ -71,19 +74,19 @@ def main() -> None:
                        generator=g).to(args.device, dtype)
 
     def translate() -> LoRA:  # (1, K·r, in) / (1, out, K·r): one question's knowledge
-        docs = translator(doc_emb)
-        return combine([docs[i:i + 1] for i in range(K)])
+        return sum_groups(translator(doc_emb), K)
 
     def stored() -> LoRA:
-        return combine([bank[i:i + 1] for i in range(K)])
+        return sum_groups(bank, K)
 
     def answer(ids, knowledge=None):
         if knowledge is None:
             return generate(model, ids)
-        with injection.use(knowledge()):
+        with injection.merged(knowledge()):
             return generate(model, ids)
 
-    modes = {"rag": lambda: answer(with_passages), "prag": lambda: answer(question, stored),
+    modes = {"vanilla": lambda: answer(question), "rag": lambda: answer(with_passages),
+             "prag": lambda: answer(question, stored),
              "dyprag": lambda: answer(question, translate),
              "dyprag+rag": lambda: answer(with_passages, translate)}
     latency = {m: [] for m in modes}
@@ -96,7 +99,7 @@ def main() -> None:
         median = {m: statistics.median(ts) for m, ts in latency.items()}
 
         def inject_only():
-            with injection.use(translate()):
+            with injection.merged(translate()):
                 pass
 
         steps = [timed(lambda: generate(model, question, NEW_TOKENS), args.device)[0]
@@ -109,9 +112,7 @@ def main() -> None:
         embs = torch.randn(args.batch * K, 384, generator=g).to(args.device, dtype)
 
         def per_question() -> LoRA:
-            docs = translator(embs)  # question-major: q0d0, q0d1, q0d2, q1d0, ...
-            rows = torch.arange(args.batch, device=args.device) * K
-            return combine([docs[rows + j] for j in range(K)])
+            return sum_groups(translator(embs), K)  # question-major: q0d0, q0d1, q0d2, q1d0, ...
 
         def batched():
             with injection.use(per_question()):
@@ -132,6 +133,7 @@ def main() -> None:
     print(json.dumps({
         "latency_s": {m: round(t, 4) for m, t in median.items()},
         "dyprag_over_rag": round(median["dyprag"] / median["rag"], 3),
+        "vanilla_over_rag": round(median["vanilla"] / median["rag"], 3),
         "inject_over_decode_step": round(inject / decode_step, 3),
         "batched_speedup": round(t_loop / t_batched, 2)}))
 

@@ -149,14 +149,16 @@ class TranslatorDistillation(pl.LightningModule):
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         with self.injection.use(student):
             logits = self.base(input_ids=ids, attention_mask=mask).logits.float()  # (N, T, V)
-        with torch.no_grad(), self.injection.use(teacher.to(dtype=student.dtype)):
-            teacher_logits = self.base(input_ids=ids, attention_mask=mask).logits.float()
         lm = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
-        kl_tokens = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1),
-                             log_target=True, reduction="none").sum(-1)  # (N, T)
         w = batch.get("distilled", torch.ones(ids.shape[0])).to(logits)  # (N,) has a teacher
-        kl_mask = mask * w[:, None]
-        kl = (kl_tokens * kl_mask).sum() / kl_mask.sum().clamp_min(1)
+        kl = logits.new_zeros(())
+        if self.weights["kl"] and w.any():  # the teacher's forward only when it counts
+            with torch.no_grad(), self.injection.use(teacher.to(dtype=student.dtype)):
+                teacher_logits = self.base(input_ids=ids, attention_mask=mask).logits.float()
+            kl_tokens = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1),
+                                 log_target=True, reduction="none").sum(-1)  # (N, T)
+            kl_mask = mask * w[:, None]
+            kl = (kl_tokens * kl_mask).sum() / kl_mask.sum().clamp_min(1)
         if self.mse_space == "delta":
             rows = delta_mse(student, teacher, self.delta_entries)  # (N,)
         else:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from dyprag.bank import BankSet, LoRABank
 from dyprag.config import parse_mode
-from dyprag.lora import LoRA, combine
+from dyprag.lora import LoRA, sum_groups
 from dyprag.metrics import score
 from dyprag.prompts import generate_answers, qa_prompt
 from dyprag.translator import ParameterTranslator
@@ -82,9 +82,7 @@ def translated(translator: ParameterTranslator, embeddings: EmbeddingTable, hits
     device = next(translator.parameters()).device
     flat = [d for h in hits for d in h[:k]]  # question-major: q0d0, q0d1, ..., q1d0, ...
     assert len(flat) == k * len(hits), f"every question needs {k} documents"
-    lora = translator(embeddings.get(flat).to(device)).detach()
-    rows = torch.arange(len(hits), device=device) * k
-    return combine([lora[rows + j] for j in range(k)])
+    return sum_groups(translator(embeddings.get(flat).to(device)).detach(), k)
 
 
 def mode_lora(mode: str, hits: Hits, knowledge: Knowledge) -> LoRA | None:

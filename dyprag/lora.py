@@ -244,3 +244,14 @@ def factor_mse(x: LoRA, y: LoRA) -> Tensor:
     total = sum(((x.A[k] - y.A[k]) ** 2).mean(dims) + ((x.B[k] - y.B[k]) ** 2).mean(dims)
                 for k in x.keys)
     return total / len(x.keys)
+
+
+def sum_groups(lora: LoRA, k: int) -> LoRA:
+    """Rows ``i·k … i·k + k − 1`` of a batched LoRA summed into row ``i`` (rank
+    concatenation): ``N·k`` documents' LoRAs → ``N`` combined ones."""
+    if lora.batch_size is None or lora.batch_size % k:
+        raise ValueError(f"a batch of {lora.batch_size} LoRAs does not split into groups of {k}")
+    if k == 1:
+        return lora
+    rows = torch.arange(lora.batch_size // k, device=lora.device) * k
+    return combine([lora[rows + j] for j in range(k)])

@@ -225,7 +225,7 @@ def run(config: dict) -> dict | None:
     embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
                                      doc_ids + [d for h in hits for d in h], out)
     extra = []
-    if config["data"]["extra_docs"]:
+    if config["data"]["extra_docs"] and config["data"]["kind"] == "world":
         extra = fresh_documents(data.world, config["data"]["extra_docs"], config["run"]["seed"])
         embeddings = embeddings.extended([d.doc_id for d in extra], translator_encoder(
             config, retriever, model, tokenizer, model_id).encode([d.text for d in extra]))

@@ -31,7 +31,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from dyprag.augment import AugmentedDoc
-from dyprag.bank import LoRABank, document_examples
+from dyprag.bank import BankConfig, LoRABank, document_examples
 from dyprag.config import bank_config
 from dyprag.distill import (
     DistillationData,
@@ -72,15 +72,21 @@ def split_documents(docs: list[AugmentedDoc], val_fraction: float,
             [d for i, d in enumerate(docs) if i in held])
 
 
+def translator_recipe(config: dict) -> BankConfig:
+    """The translator's training examples per document: the bank's QA recipe, plus
+    (``train.qa_with_passage``) QA asked with the passage in the prompt (the generated LoRA
+    must also leave reading intact: DyPRAG+context) and, with ``train.passage_lm``, the
+    passage's own text (DyPRAG's translator trains on the QA only)."""
+    bank = bank_config(config)
+    return dataclasses.replace(bank, text=config["train"]["passage_lm"], qa_with_passage=max(
+        bank.qa_with_passage, config["train"]["qa_with_passage"]))
+
+
 def _data(docs: list[AugmentedDoc], config: dict, tokenizer, lora_bank: LoRABank,
           embeddings: EmbeddingTable, extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
     ids = [d.doc_id for d in docs]
-    # The bank's recipe, plus (train.qa_with_passage) QA asked with the passage in the prompt:
-    # the generated LoRA must also leave reading intact (DyPRAG+context).
-    bank = bank_config(config)
-    recipe = dataclasses.replace(bank, qa_with_passage=max(bank.qa_with_passage,
-                                                           config["train"]["qa_with_passage"]))
+    recipe = translator_recipe(config)
     teachers = lora_bank.get(ids)
     if extra:
         teachers = LoRA.stack([*(teachers[i] for i in range(len(ids))),
@@ -137,7 +143,7 @@ def _fingerprint(config: dict, bank: LoRABank, embeddings: EmbeddingTable, model
             if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
     parts = [config["translator"], keep, bank.meta["fingerprint"], model_id,
              config["run"]["seed"], [d.doc_id for d in train], [d.doc_id for d in val],
-             float(embeddings.vectors[:8].sum()), extra]
+             float(embeddings.get([d.doc_id for d in train[:8]]).sum()), embeddings.name, extra]
     return fingerprint(parts)
 
 

@@ -12,10 +12,11 @@ Architectures (DESIGN.md §3):
 
 The B half of every output head starts at zero, so the first generated deltas ``s·BA`` are
 exactly zero (the model starts as the base model), while A starts random so gradients reach
-B. A third, ``linear`` (an experiment, for small models: its size is Σ out·r·D), makes B
-linear in the embedding (zero at init) and A one learned matrix per target shared by all
-documents. The generated LoRA carries the bank's alpha and rank, hence the same scaling as
-the teacher (DyPRAG's reference code drops the scaling from generated deltas; we do not).
+B. A third, ``linear`` (the synthetic world's default; its size is Σ out·r·D, so for small
+models), standardises the embedding (LayerNorm, no affine), makes B linear in it (zero at
+init) and A one learned matrix per target shared by all documents: a document's delta is
+then linear in the mean of its words, which generalises to unseen documents. The generated
+LoRA carries the bank's alpha and rank, hence the same scaling as the teacher (DyPRAG's reference code drops the scaling from generated deltas; we do not).
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class ParameterTranslator(nn.Module):
             g = torch.Generator().manual_seed(0)
             self.b_maps = nn.ModuleDict({f"{layer}_{module}": _zero_linear(
                 embed_dim, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
+            # Embeddings standardised first (a token-mean embedding's entries are ~0.01: a
+            # linear map of them would need huge weights, which Adam grows slowly).
+            self.norm = nn.LayerNorm(embed_dim, eps=1e-10, elementwise_affine=False)
             self.a = nn.ParameterDict({f"{layer}_{module}": nn.Parameter(
                 torch.randn(rank, self.shapes[(layer, module)][0], generator=g)
                 * self.shapes[(layer, module)][0] ** -0.5) for layer, module in self.keys})
@@ -112,6 +116,7 @@ class ParameterTranslator(nn.Module):
         n, r = emb.shape[0], self.rank
         A, B = {}, {}
         if self.architecture == "linear":
+            emb = self.norm(emb)
             for key in self.keys:
                 name = f"{key[0]}_{key[1]}"
                 A[key] = self.a[name].expand(n, -1, -1)  # (N, r, in), shared by every document

@@ -68,7 +68,7 @@ def tiny_run_config(tmp: Path) -> Path:
     (tmp / "world.yaml").write_text(yaml.safe_dump(schema))
     config = {
         "run": {"name": "tiny", "root": str(tmp / "checkpoints")},
-        "data": {"world": str(tmp / "world.yaml")},
+        "data": {"world": str(tmp / "world.yaml"), "extra_docs": 24},
         "model": {"pretrain": {"reading_single": 100, "reading_multi": 60, "hidden_size": 32,
                                "num_hidden_layers": 2, "num_attention_heads": 4,
                                "intermediate_size": 48, "warmup_steps": 5}},

@@ -87,8 +87,10 @@ def test_qa_runs_need_data_and_a_real_model():
         assert field in str(err.value)
 
 
-def test_extra_documents_are_the_worlds_only():
+def test_extra_documents_count_is_checked_and_a_qa_job_keeps_the_default():
     assert load_config(None, ["data.extra_docs=10"])["data"]["extra_docs"] == 10
     with pytest.raises(ValueError, match="data.extra_docs"):
-        load_config(None, ["data.kind=qa", "data.extra_docs=10", "data.corpus=c",
-                           "data.train_qa=t", "data.test_qa=t", "model.name=m"])
+        load_config(None, ["data.extra_docs=-1"])
+    qa = load_config(None, ["data.kind=qa", "data.corpus=c", "data.train_qa=t",
+                            "data.test_qa=t", "model.name=m"])  # ignored there: world only
+    assert qa["data"]["extra_docs"] > 0

@@ -7,10 +7,14 @@ import torch
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
+from dyprag.augment import AugmentedDoc
+from dyprag.bank import document_examples
+from dyprag.config import load_config
 from dyprag.distill import DistillationData, TranslatorDistillation
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.pretrain import build_tokenizer
+from dyprag.training import translator_recipe
 from dyprag.translator import ParameterTranslator
 from conftest import tiny_model
 
@@ -131,3 +135,35 @@ def test_lm_only_rows_are_left_out_of_the_kl_and_mse():
     after = system.losses(batch)
     for term in ("kl", "mse", "lm"):
         assert_close(after[term], before[term])
+
+
+def test_the_teacher_runs_only_when_its_kl_counts():
+    model, tokenizer, translator, data = setup(teacher_std=0.3)
+    batch = batch_of(data, tokenizer)
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    assert TranslatorDistillation(model, translator, w_kl=0.01).losses(batch)["kl"] > 0
+    assert len(calls) == 2  # student, teacher
+    calls.clear()
+    losses = TranslatorDistillation(model, translator, w_kl=0.0).losses(batch)
+    assert len(calls) == 1 and losses["kl"] == 0
+    calls.clear()
+    batch["distilled"] = torch.zeros_like(batch["distilled"])  # LM-only rows: no teacher
+    TranslatorDistillation(model, translator, w_kl=0.01).losses(batch)
+    assert len(calls) == 1
+
+
+def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
+    doc = AugmentedDoc("d", "Idris was born in Velmora .", ["Velmora is where Idris was born ."],
+                       [{"question": "Where was Idris born?", "answer": "Velmora"}])
+    tokenizer = build_tokenizer([doc.text, *doc.rewrites, "Question: Answer: Passage: Where"])
+
+    def texts(overrides: list[str]) -> list[str]:
+        recipe = translator_recipe(load_config(None, overrides))
+        return ["".join(t for t, _ in ex) for ex in document_examples(doc, recipe, tokenizer)]
+
+    qa_only = texts([])
+    assert len(qa_only) == 1 and "Velmora" not in qa_only[0].split("Answer:")[0]
+    with_text = texts(["train.passage_lm=true"])
+    assert any(t.startswith(doc.text) for t in with_text) and len(with_text) == 3
+    assert len(texts(["train.qa_with_passage=1"])) == 3  # + the QA after each of 2 texts

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine, delta_distance, factor_mse
+from dyprag.lora import LoRA, combine, delta_distance, factor_mse, sum_groups
 from dyprag.lora_io import export_peft, load_lora, save_lora
 
 SHAPES = {(0, "gate"): (6, 10), (0, "up"): (6, 10), (0, "down"): (10, 6),
@@ -60,6 +60,19 @@ def test_combine_takes_per_sample_weights():
     key = (1, "up")
     assert_close(merged.delta(key)[0], loras[0].delta(key)[0])
     assert_close(merged.delta(key)[1], 3 * loras[1].delta(key)[1])
+
+
+def test_sum_groups_sums_each_run_of_k_rows():
+    lora = _random(4, batch_size=6)  # two groups of three
+    summed = sum_groups(lora, 3)
+    assert (summed.batch_size, summed.rank) == (2, 6)
+    for g in range(2):
+        for key in lora.keys:
+            expected = sum(lora[3 * g + j].delta(key) for j in range(3))
+            assert_close(summed[g].delta(key), expected)
+    assert sum_groups(lora, 1) is lora
+    with pytest.raises(ValueError, match="groups of 4"):
+        sum_groups(lora, 4)
 
 
 @pytest.mark.parametrize("batch_size", [None, 3])

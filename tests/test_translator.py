@@ -99,3 +99,15 @@ def test_checkpoint_round_trip_and_refusals(architecture, tmp_path):
         load_translator(out, shapes=wider)
     with pytest.raises(FileNotFoundError, match="no translator checkpoint"):
         load_translator(tmp_path / "nothing")
+
+
+def test_the_linear_translator_standardises_its_input():
+    _, translator = make("linear")
+    with torch.no_grad():
+        for p in translator.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    emb = torch.randn(2, 16) * 0.01  # token-mean embeddings are this small
+    small, large = translator(emb), translator(emb * 100 + 3)
+    assert small.delta(small.keys[0]).abs().max() > 0.1
+    for key in small.keys:
+        assert_close(small.delta(key), large.delta(key), rtol=1e-4, atol=1e-4)
