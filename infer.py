@@ -1,7 +1,7 @@
 """Answer questions with a trained run: retrieve, translate the documents into LoRAs, inject, generate.
 
-    python infer.py --question "Where was Nerys Northcott born?"             # DyPRAG, top 3
-    python infer.py --question "..." --mode rag --k 1 --json
+    python infer.py --question "Where was Nerys Northcott born?"      # DyPRAG, the run's index.k
+    python infer.py --question "..." --mode rag --k 3 --json
     python infer.py --questions-file questions.txt --mode dyprag+rag           # batched
     python infer.py --question "..." --export-peft adapter/                    # PEFT folder
 
@@ -10,6 +10,9 @@ top-k documents' bank LoRAs; only documents in the run's bank), dyprag (the sum 
 translator's LoRAs of the top-k documents), prag+rag, dyprag+rag. Questions are answered in
 batches, each with its own combined LoRA (per-sample injection: one batched forward per
 decoding step, no merge/unmerge per question).
+
+--k defaults to the run's index.k: 1 in the synthetic world (a question is about one
+person, whose bio holds the answer), 3 in the paper configs.
 
 --run defaults to the run under checkpoints/ whose translator was saved last. A questions file
 holds one question per line, or jsonl lines with a "question" field; malformed lines are

@@ -5,8 +5,8 @@
 
 Model: bench/lora_overhead.py's random Llama (hidden 512, 8 layers, intermediate 1408, vocab
 32000). A question is 16 tokens; each of its k = 3 documents ~130 tokens (~100 words); 32
-new tokens, greedy, always 32. Modes, one question at a time (a lone question's LoRA is merged
-into the weights and unmerged after, as ``dyprag.prompts.generate_answers`` does):
+new tokens, greedy, always 32. Modes, one question at a time, knowledge injected per sample
+as ``dyprag.prompts.generate_answers`` does:
 
 - ``vanilla``: the question alone, no knowledge (the floor of every mode without passages);
 - ``rag``: the 3 passages in the prompt (~400 tokens);
@@ -17,8 +17,8 @@ into the weights and unmerged after, as ``dyprag.prompts.generate_answers`` does
 
 Keys (the last line is one JSON object): ``latency_s`` by mode (median), ``dyprag_over_rag``
 (target ≤ 0.70), ``vanilla_over_rag`` (its floor on this model and device),
-``inject_over_decode_step`` (translate + combine + merge + unmerge of one
-question over one decoding step; target ≤ 1.0), ``batched_speedup`` (32 questions with their own
+``inject_over_decode_step`` (translate + combine + inject of one question
+over one decoding step; target ≤ 1.0), ``batched_speedup`` (32 questions with their own
 DyPRAG LoRAs: one at a time over one batched ``generate`` with per-sample injection; target
 ≥ 5).
 """
@@ -82,7 +82,7 @@ def main() -> None:
     def answer(ids, knowledge=None):
         if knowledge is None:
             return generate(model, ids)
-        with injection.merged(knowledge()):
+        with injection.use(knowledge()):
             return generate(model, ids)
 
     modes = {"vanilla": lambda: answer(question), "rag": lambda: answer(with_passages),
@@ -99,7 +99,7 @@ def main() -> None:
         median = {m: statistics.median(ts) for m, ts in latency.items()}
 
         def inject_only():
-            with injection.merged(translate()):
+            with injection.use(translate()):
                 pass
 
         steps = [timed(lambda: generate(model, question, NEW_TOKENS), args.device)[0]

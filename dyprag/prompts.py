@@ -64,9 +64,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """Greedy answers for ``prompts`` (left-padded batches), decoded without specials.
 
     ``lora``: injected while generating; one LoRA for all prompts, or a batched LoRA with
-    one row per prompt (each prompt answered with its own knowledge). A lone prompt gets its
-    LoRA merged into the weights (and unmerged bit-exactly after), so decoding costs what the
-    base model's does.
+    one row per prompt (each prompt answered with its own knowledge).
     """
     device = next(model.parameters()).device
     if lora is not None and lora.batch_size not in (None, len(prompts)):
@@ -78,13 +76,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(device)
         active = lora if lora is None or lora.batch_size is None else lora[start:start + batch_size]
-        if injection is None:
-            context = contextlib.nullcontext()
-        elif len(chunk) == 1:  # one question: merged into the weights, decoding at base speed
-            context = injection.merged(active)
-        else:
-            context = injection.use(active)
-        with context:
+        with injection.use(active) if injection else contextlib.nullcontext():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)

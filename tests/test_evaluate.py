@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from dyprag.config import parse_mode
 from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_prompts, translated
-from dyprag.inject import LoRAInjection, inject_lora
+from dyprag.inject import inject_lora
 from dyprag.lora import combine
 from dyprag.pretrain import build_tokenizer
 from dyprag.prompts import generate_answers, qa_prompt
@@ -85,19 +85,3 @@ def test_embedding_table_names_missing_documents():
     _, _, _, table = setup()
     with pytest.raises(KeyError, match="zz"):
         table.get(["a", "zz"])
-
-
-def test_a_lone_question_merges_its_lora_then_restores_the_weights(monkeypatch):
-    model, tokenizer, translator, table = setup()
-    lora = translated(translator, table, HITS, k=2)
-    prompts = [qa_prompt(q) for q in QUESTIONS]
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    batched = generate_answers(model, tokenizer, prompts, lora=lora)  # per-sample hooks
-    merges = []
-    merge = LoRAInjection.merge
-    monkeypatch.setattr(LoRAInjection, "merge", lambda self, x: merges.append(x) or merge(self, x))
-    alone = [generate_answers(model, tokenizer, [p], lora=lora[i:i + 1])[0]
-             for i, p in enumerate(prompts)]
-    assert len(merges) == len(prompts) and alone == batched
-    for name, value in model.state_dict().items():
-        assert torch.equal(value, before[name]), f"{name} changed"
