@@ -53,7 +53,8 @@ class Retriever:
         if method in ("bm25", "hybrid") and bm25 is None:
             raise ValueError(f"method {method!r} needs a BM25 index")
         if dense is not None and embedder is not None and dense.dim != embedder.dim:
-            raise ValueError(f"dense index has dim {dense.dim}, embedder {embedder.name!r} has {embedder.dim}")
+            raise ValueError(f"dense index has dim {dense.dim}, embedder {embedder.name!r} "
+                             f"has {embedder.dim}")
         self.method = method
         self.embedder = embedder
         self.dense = dense

@@ -16,7 +16,8 @@ B. A third, ``linear`` (the synthetic world's default; its size is Σ out·r·D,
 models), standardises the embedding (LayerNorm, no affine), makes B linear in it (zero at
 init) and A one learned matrix per target shared by all documents: a document's delta is
 then linear in the mean of its words, which generalises to unseen documents. The generated
-LoRA carries the bank's alpha and rank, hence the same scaling as the teacher (DyPRAG's reference code drops the scaling from generated deltas; we do not).
+LoRA carries the bank's alpha and rank, hence the same scaling as the teacher (DyPRAG's
+reference code drops the scaling from generated deltas; we do not).
 """
 
 from __future__ import annotations
