@@ -43,10 +43,10 @@ def latest_run(root: str | Path = "checkpoints") -> Path:
 
 class TrainedRun:
     def __init__(self, path: Path, config: dict, model, tokenizer, model_id: str,
-                 retriever: Retriever, knowledge: Knowledge):
+                 retriever: Retriever, knowledge: Knowledge, corpus: Path):
         self.path, self.config = path, config
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.retriever, self.knowledge = retriever, knowledge
+        self.retriever, self.knowledge, self.corpus = retriever, knowledge, corpus
 
     @classmethod
     def open(cls, path: str | Path, device: str | None = None) -> TrainedRun:
@@ -70,17 +70,35 @@ class TrainedRun:
         retriever = load_retriever(path / "index")
         if not corpus.is_file():
             raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")
-        passages = {p.id: p.text for p in iter_corpus(corpus)}
         embeddings = _embeddings(path, meta, retriever)
         banks = [LoRABank(path / name, base_model=model_id) for name in ("bank", "bank-eval")
                  if (path / name / "meta.json").is_file()]
         bank = BankSet(banks) if banks else None
         return cls(path, config, model, tokenizer, model_id, retriever,
-                   Knowledge(passages, bank=bank, translator=translator.eval(),
-                             embeddings=embeddings))
+                   Knowledge({}, bank=bank, translator=translator.eval(), embeddings=embeddings),
+                   corpus)
 
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
-        return self.retriever.retrieve(list(questions), k)
+        """Top-k ``(id, score)`` per question; their passages are then in
+        ``knowledge.passages``."""
+        hits = self.retriever.retrieve(list(questions), k)
+        self.fetch_passages({d for h in hits for d, _ in h})
+        return hits
+
+    def fetch_passages(self, doc_ids: set[str]) -> None:
+        """Read the texts of ``doc_ids`` not yet in memory, in one pass over the corpus: only
+        the retrieved passages are ever held, not the corpus (DPR's has 21M)."""
+        passages = self.knowledge.passages
+        missing = set(doc_ids) - passages.keys()
+        for p in iter_corpus(self.corpus) if missing else ():
+            if p.id in missing:
+                passages[p.id] = p.text
+                missing.discard(p.id)
+                if not missing:
+                    break
+        if missing:
+            raise RunError(f"documents {sorted(missing)[:3]} of the index are not in the "
+                           f"run's corpus {self.corpus} (index built for another corpus?)")
 
     def answer(self, questions: Sequence[str], hits: Sequence[Sequence[str]], mode: str,
                max_new_tokens: int | None = None, batch_size: int | None = None) -> list[str]:
@@ -92,6 +110,7 @@ class TrainedRun:
                 raise RunError(f"mode {mode} needs bank LoRAs, and documents {missing[:3]} are "
                                "not in the run's banks (PRAG trains one per document offline: "
                                "add a prag mode to eval.modes to train those of the test set)")
+        self.fetch_passages({d for h in hits for d in h})
         if name.startswith("dyprag"):
             self.ensure_embeddings({d for h in hits for d in h})
         ev = self.config["eval"]
@@ -104,6 +123,7 @@ class TrainedRun:
         table = self.knowledge.embeddings
         missing = sorted(d for d in doc_ids if d not in table.row)
         if missing and self.config["translator"]["embedding"] != "retriever":
+            self.fetch_passages(set(missing))
             encoder = translator_encoder(self.config, self.retriever, self.model, self.tokenizer,
                                          self.model_id)
             vectors = encoder.encode([self.knowledge.passages[d] for d in missing])

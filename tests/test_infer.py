@@ -10,7 +10,7 @@ import torch
 
 import infer
 from dyprag.qa import load_qa
-from dyprag.trained_run import TrainedRun
+from dyprag.trained_run import RunError, TrainedRun
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,21 @@ def test_every_mode_answers(tiny_run, questions, mode, capsys):
     assert set(row) == {"question", "mode", "answer", "passages"}
     assert row["question"] == questions[0] and isinstance(row["answer"], str)
     assert len(row["passages"]) == 1 and {"id", "score", "text"} == set(row["passages"][0])
+
+
+def test_only_retrieved_passages_are_read_and_a_foreign_corpus_is_named(tiny_run, questions,
+                                                                         tmp_path):
+    _, out = tiny_run
+    run = TrainedRun.open(out)
+    assert run.knowledge.passages == {}
+    hits = run.retrieve(questions[:1], 2)
+    assert set(run.knowledge.passages) == {d for d, _ in hits[0]}
+    assert run.knowledge.passages[hits[0][0][0]].strip()
+    run.knowledge.passages.clear()
+    run.corpus = tmp_path / "other.jsonl"
+    run.corpus.write_text(json.dumps({"id": "zz", "text": "Nobody was born anywhere."}) + "\n")
+    with pytest.raises(RunError, match=r"\['e\d+'\] of the index are not in the run's corpus"):
+        run.retrieve(questions[:1], 1)
 
 
 def test_batched_answers_equal_one_at_a_time(tiny_run, questions):
