@@ -44,19 +44,27 @@ from dyprag.translator import ParameterTranslator
 class DistillationData(Dataset):
     """Rows of (document index, one of its training examples).
 
-    ``embeddings``: ``(num_docs, D)``; ``teachers``: the documents' bank LoRAs batched in the
-    same order; ``examples[i]``: document ``i``'s training sequences.
+    ``embeddings``: ``(num_docs, D)``; ``examples[i]``: document ``i``'s training sequences;
+    ``distilled``: ``(num_docs,)`` 1 for documents with a bank LoRA, 0 for LM-only ones
+    (default: all 1); ``teachers``: the bank LoRAs of the distilled documents, batched in
+    their order. LM-only documents share one zero placeholder teacher, which the KL and MSE
+    terms ignore (6,000 copies of it would take 1.2 GB in the world).
     """
 
     def __init__(self, embeddings: Tensor, teachers: LoRA, examples: Sequence[Sequence[Segments]],
                  distilled: Tensor | None = None):
-        if not (embeddings.shape[0] == teachers.batch_size == len(examples)):
-            raise ValueError(f"{embeddings.shape[0]} embeddings, {teachers.batch_size} bank "
-                             f"LoRAs and {len(examples)} example lists must match")
-        self.embeddings, self.teachers = embeddings, teachers
-        # (num_docs,) 1 for documents with a bank LoRA, 0 for LM-only ones (their teacher
-        # rows are placeholders that the KL and MSE terms ignore).
         self.distilled = torch.ones(len(examples)) if distilled is None else distilled.float()
+        n_teachers = int((self.distilled > 0).sum())
+        if not (embeddings.shape[0] == len(examples) == len(self.distilled)
+                and teachers.batch_size == n_teachers):
+            raise ValueError(f"{embeddings.shape[0]} embeddings, {len(examples)} example lists "
+                             f"and {len(self.distilled)} flags must match, and {teachers.batch_size} "
+                             f"bank LoRAs the {n_teachers} distilled documents")
+        self.embeddings = embeddings
+        self.teachers = teachers.map(lambda t: torch.cat([t, torch.zeros_like(t[:1])]))
+        # Each document's row in ``teachers``: its own, or the placeholder (the last).
+        self.teacher_row = torch.where(self.distilled > 0, (self.distilled > 0).cumsum(0) - 1,
+                                       n_teachers)
         self.rows = [(i, ex) for i, doc in enumerate(examples) for ex in doc]
 
     def __len__(self) -> int:
@@ -69,7 +77,7 @@ class DistillationData(Dataset):
         docs = torch.tensor([i for i, _ in rows])
         batch = collate(tokenizer, [ex for _, ex in rows])
         batch["embedding"] = self.embeddings[docs]
-        teacher = self.teachers[docs]
+        teacher = self.teachers[self.teacher_row[docs]]
         batch["teacher_A"], batch["teacher_B"] = teacher.A, teacher.B
         batch["distilled"] = self.distilled[docs]
         return batch
@@ -163,11 +171,14 @@ class TranslatorDistillation(pl.LightningModule):
             rows = delta_mse(student, teacher, self.delta_entries)  # (N,)
         else:
             rows = factor_mse(student, teacher)
-        mse = (rows * w).sum() / w.sum().clamp_min(1)
+        def over_distilled(per_row: Tensor) -> Tensor:  # mean over rows with a teacher
+            return (per_row * w).sum() / w.sum().clamp_min(1)
+
+        mse = over_distilled(rows)
         total = sum(self.weights[k] * v for k, v in (("lm", lm), ("kl", kl), ("mse", mse)))
         with torch.no_grad():
             zero = student.map(torch.zeros_like)
-            teacher_ms = (delta_mse(teacher, zero, self.delta_entries) * w).sum() / w.sum().clamp_min(1)
+            teacher_ms = over_distilled(delta_mse(teacher, zero, self.delta_entries))
             norms = {"lora_rms_student": delta_mse(student, zero, self.delta_entries).mean().sqrt(),
                      "lora_rms_teacher": teacher_ms.sqrt()}
         return {"loss": total, "lm": lm, "kl": kl, "mse": mse, **norms}

@@ -42,7 +42,6 @@ from dyprag.distill import (
 from dyprag.evaluate import EmbeddingTable
 from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
 from dyprag.metrics import score
 from dyprag.prompts import generate_answers, qa_prompt
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
@@ -85,14 +84,10 @@ def translator_recipe(config: dict) -> BankConfig:
 def _data(docs: list[AugmentedDoc], config: dict, tokenizer, lora_bank: LoRABank,
           embeddings: EmbeddingTable, extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
-    ids = [d.doc_id for d in docs]
     recipe = translator_recipe(config)
-    teachers = lora_bank.get(ids)
-    if extra:
-        teachers = LoRA.stack([*(teachers[i] for i in range(len(ids))),
-                               *[teachers[0].map(torch.zeros_like)] * len(extra)])
     every = [*docs, *extra]
-    return DistillationData(embeddings.get([d.doc_id for d in every]), teachers,
+    return DistillationData(embeddings.get([d.doc_id for d in every]),
+                            lora_bank.get([d.doc_id for d in docs]),
                             [document_examples(d, recipe, tokenizer) for d in every],
                             torch.tensor([1.0] * len(docs) + [0.0] * len(extra)))
 

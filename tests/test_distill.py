@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.testing import assert_close
@@ -167,3 +168,18 @@ def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
     with_text = texts(["train.passage_lm=true"])
     assert any(t.startswith(doc.text) for t in with_text) and len(with_text) == 3
     assert len(texts(["train.qa_with_passage=1"])) == 3  # + the QA after each of 2 texts
+
+
+def test_lm_only_documents_share_one_zero_teacher():
+    model, tokenizer, _, data = setup(teacher_std=0.3)
+    first = data.teachers[0]
+    mixed = DistillationData(data.embeddings, LoRA.stack([first]), EXAMPLES, torch.tensor([1, 0]))
+    batch = mixed.collate(tokenizer, [mixed[i] for i in range(len(mixed))])
+    assert mixed.teachers.batch_size == 2  # the bank LoRA and the placeholder
+    for key in first.keys:
+        for row, (doc, _) in enumerate(mixed.rows):
+            expected = first.A[key] if doc == 0 else torch.zeros_like(first.A[key])
+            assert_close(batch["teacher_A"][key][row], expected)
+    assert batch["distilled"].tolist() == [1.0 if d == 0 else 0.0 for d, _ in mixed.rows]
+    with pytest.raises(ValueError, match="2 bank LoRAs the 1 distilled"):
+        DistillationData(data.embeddings, LoRA.stack([first, first]), EXAMPLES, torch.tensor([1, 0]))
