@@ -24,7 +24,7 @@ import torch
 from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
 from dyprag.config import bank_config, dump, parse_mode
-from dyprag.corpus import iter_corpus
+from dyprag.corpus import read_passages
 from dyprag.evaluate import EmbeddingTable, Knowledge, evaluate
 from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.models import load_model
@@ -119,8 +119,7 @@ def training_documents(config: dict, data: Data, retriever: Retriever) -> list[s
 
 
 def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, model, tokenizer):
-    wanted = set(doc_ids)
-    passages = [p for p in iter_corpus(data.corpus) if p.id in wanted]
+    passages = list(read_passages(data.corpus, doc_ids).values())
     if data.world is not None:
         augmenter = TemplateAugmenter(data.world)
     else:
@@ -145,8 +144,7 @@ def stage_llm_embeddings(config: dict, model, tokenizer, model_id: str, data: Da
 
     source = config["translator"]["embedding"]
     encoder = translator_encoder(config, None, model, tokenizer, model_id)
-    wanted = set(doc_ids)
-    passages = [p for p in iter_corpus(data.corpus) if p.id in wanted]
+    passages = list(read_passages(data.corpus, doc_ids).values())
     ids = [p.id for p in passages]
     key = fingerprint([encoder.name, ids, [p.text for p in passages]])
     meta_path, path = out / f"{source}-embeddings.json", out / f"{source}-embeddings.npy"
@@ -235,9 +233,9 @@ def run(config: dict) -> dict | None:
                             extra=extra)
     if not fitted.is_global_zero:
         return None
-    shown = {d for h in hits for d in h}  # the only passages a prompt can hold
+    shown = read_passages(data.corpus, (d for h in hits for d in h))  # all a prompt can hold
     results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,
-                         Knowledge({p.id: p.text for p in iter_corpus(data.corpus) if p.id in shown},
+                         Knowledge({d: p.text for d, p in shown.items()},
                                    translator=fitted.translator, embeddings=embeddings))
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())

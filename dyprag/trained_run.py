@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dyprag.bank import BankSet, LoRABank
 from dyprag.config import load_config, parse_mode
-from dyprag.corpus import iter_corpus
+from dyprag.corpus import read_passages
 from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
@@ -90,12 +90,8 @@ class TrainedRun:
         the retrieved passages are ever held, not the corpus (DPR's has 21M)."""
         passages = self.knowledge.passages
         missing = set(doc_ids) - passages.keys()
-        for p in iter_corpus(self.corpus) if missing else ():
-            if p.id in missing:
-                passages[p.id] = p.text
-                missing.discard(p.id)
-                if not missing:
-                    break
+        passages.update({d: p.text for d, p in read_passages(self.corpus, missing).items()})
+        missing -= passages.keys()
         if missing:
             raise RunError(f"documents {sorted(missing)[:3]} of the index are not in the "
                            f"run's corpus {self.corpus} (index built for another corpus?)")

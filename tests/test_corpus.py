@@ -15,6 +15,7 @@ from dyprag.corpus import (
     count_passages,
     iter_batches,
     iter_corpus,
+    read_passages,
     write_corpus_jsonl,
 )
 
@@ -27,6 +28,18 @@ def test_jsonl_round_trip(tmp_path):
     assert list(iter_corpus(path)) == PASSAGES
     assert count_passages(path) == 3
     assert [p.name for p in tmp_path.iterdir()] == ["corpus.jsonl"]  # no temporary left behind
+
+
+def test_read_passages_returns_the_asked_ones_in_corpus_order_and_stops_early(tmp_path):
+    path = write_corpus_jsonl(PASSAGES, tmp_path / "corpus.jsonl")
+    assert read_passages(path, ["c", "a", "zz"]) == {"a": PASSAGES[0], "c": PASSAGES[2]}
+    assert list(read_passages(path, ["c", "a"])) == ["a", "c"]
+    assert read_passages(path, []) == {}
+    with path.open("a") as f:  # a broken line after the asked passages is never read
+        f.write('{"id": "d", "text": \n')
+    assert read_passages(path, ["a", "b"]) == {"a": PASSAGES[0], "b": PASSAGES[1]}
+    with pytest.raises(ValueError, match=r"corpus\.jsonl:4"):
+        read_passages(path, ["zz"])
 
 
 def test_jsonl_missing_fields_and_blank_lines(tmp_path):
