@@ -80,10 +80,16 @@ class TemplateAugmenter:
             entity = self.entities.get(p.id)
             if entity is None:
                 raise KeyError(f"document {p.id!r} is not an entity of this world")
-            qa = [{"question": t.format(name=entity["name"]), "answer": value}
-                  for attr, value in entity["attributes"].items() for t in self.templates[attr]]
+            qa = _template_qa(self.templates, entity["name"], entity["attributes"])
             records.append(AugmentedDoc(p.id, p.text, list(entity["rewrites"]), qa))
         return records
+
+
+def _template_qa(templates: dict[str, list[str]], name: str,
+                 attributes: dict[str, str]) -> list[dict[str, str]]:
+    """One QA pair per attribute and augmentation question template."""
+    return [{"question": t.format(name=name), "answer": value}
+            for attr, value in attributes.items() for t in templates[attr]]
 
 
 def fresh_documents(world_dir: str | Path, count: int, seed: int) -> list[AugmentedDoc]:
@@ -95,9 +101,7 @@ def fresh_documents(world_dir: str | Path, count: int, seed: int) -> list[Augmen
     rng = random.Random(f"{seed}-extra-documents")
     docs = []
     for entity in fresh_entities(schema, count, rng):
-        qa = [{"question": t.format(name=entity.name), "answer": value}
-              for attr, value in entity.attributes.items()
-              for t in schema["augment_question_templates"][attr]]
+        qa = _template_qa(schema["augment_question_templates"], entity.name, entity.attributes)
         docs.append(AugmentedDoc(f"extra-{entity.id}", render(entity, schema["bio_templates"], rng),
                                  [render(entity, schema["rewrite_templates"], rng)
                                   for _ in range(2)], qa))
