@@ -34,7 +34,10 @@ def datasets(args, run) -> list[tuple[str, list]]:
             path, fmt = run.path / "world" / "qa_test.jsonl", None
         else:
             path, fmt = Path(data["test_qa"]), data["qa_format"]
-        return [(path.stem, load_qa(path, fmt, args.limit or data["test_questions"]))]
+        # --limit within the test questions: in PRAG's one-file layout the training
+        # questions follow them.
+        limits = [n for n in (args.limit, data["test_questions"]) if n is not None]
+        return [(path.stem, load_qa(path, fmt, min(limits) if limits else None))]
     out = []
     for spec in args.qa:
         path, _, fmt = spec.partition(":")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import types
 
 import pytest
 import torch
@@ -117,6 +118,23 @@ def test_evaluate_writes_the_grid_predictions_plot_and_wandb_run(tiny_run, tmp_p
     assert (tmp_path / "f1.png").read_bytes()[:4] == b"\x89PNG"
     assert "| qa_test | dyprag@1 |" in (tmp_path / "report.md").read_text()
     assert list(out.glob("wandb/offline-run-*/files/media/table/eval/grid_*.table.json"))
+
+
+def test_evaluate_limit_stays_within_the_test_questions(tmp_path):
+    import evaluate
+
+    qa = tmp_path / "dev.jsonl"  # PRAG's layout: the first 2 test, the rest train
+    qa.write_text("".join(json.dumps({"question": f"q{i}?", "answers": ["a"]}) + "\n"
+                          for i in range(6)))
+    data = {"kind": "qa", "test_qa": str(qa), "qa_format": None, "test_questions": 2}
+    run = types.SimpleNamespace(config={"data": data}, path=tmp_path)
+
+    def asked(limit):
+        args = types.SimpleNamespace(qa=[], limit=limit)
+        return [x.question for x in evaluate.datasets(args, run)[0][1]]
+
+    assert asked(None) == asked(5) == ["q0?", "q1?"]
+    assert asked(1) == ["q0?"]
 
 
 def test_evaluate_refuses_an_unknown_mode(tiny_run, capsys):
