@@ -48,7 +48,7 @@ class DistillationData(Dataset):
     ``distilled``: ``(num_docs,)`` 1 for documents with a bank LoRA, 0 for LM-only ones
     (default: all 1); ``teachers``: the bank LoRAs of the distilled documents, batched in
     their order. LM-only documents share one zero placeholder teacher, which the KL and MSE
-    terms ignore (6,000 copies of it would take 1.2 GB in the world).
+    terms ignore (6,000 copies of it would take 1.1 GiB in the world).
     """
 
     def __init__(self, embeddings: Tensor, teachers: LoRA, examples: Sequence[Sequence[Segments]],
