@@ -152,6 +152,12 @@ def _step_losses(model, tokenizer, lora: LoRA, rows: Sequence[Segments]) -> torc
         return row_losses(model, batch)
 
 
+def _train_dtype(model) -> torch.dtype:
+    """LoRAs train in fp32 (under autocast on a GPU), or in the model's dtype when it is
+    wider (a float64 model: the tests' exact comparisons)."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
+
+
 def _optimizer(lora: LoRA, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW([t for _, a, b in lora.items() for t in (a, b)], lr=lr,
                              weight_decay=weight_decay)
@@ -166,7 +172,8 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
     assert len(counts) == 1, f"documents of one group need equal example counts, got {counts}"
     device = next(model.parameters()).device
     n = len(examples)
-    lora = LoRA.stack([init] * n).map(lambda t: t.detach().clone().float().to(device)
+    dtype = _train_dtype(model)
+    lora = LoRA.stack([init] * n).map(lambda t: t.detach().clone().to(device, dtype)
                                       .requires_grad_(True))
     optimizer = _optimizer(lora, lr, weight_decay)
     steps = counts.pop()
@@ -269,7 +276,8 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
         atomic_write_json(meta_path, {
             "format": FORMAT, "fingerprint": key, "base_model": base_model,
             "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in shapes.items()},
-            "rank": config.rank, "alpha": config.alpha, "dtype": "float32",
+            "rank": config.rank, "alpha": config.alpha,
+            "dtype": str(_train_dtype(model)).removeprefix("torch."),
             "documents": len(docs), "shards": len(shards), "config": dataclasses.asdict(config),
             "mean_final_loss": sum(losses) / len(losses), "train_seconds": round(seconds, 2)})
     _barrier()
@@ -312,7 +320,8 @@ def _warmup_init(model, tokenizer, examples: list[list[Segments]], path: Path,
     pool = examples[:config.warmup_docs]
     steps = min(len(ex) for ex in pool)
     device = next(model.parameters()).device
-    lora = _shared_init(shapes, config).map(lambda t: t.to(device).requires_grad_(True))
+    lora = _shared_init(shapes, config).map(
+        lambda t: t.to(device, _train_dtype(model)).requires_grad_(True))
     optimizer = _optimizer(lora, config.warmup_lr, config.weight_decay)
     for _ in range(config.warmup_epochs):
         for j in range(steps):
