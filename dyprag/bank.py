@@ -47,7 +47,7 @@ from dyprag.files import atomic_write_json, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
 from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
-from dyprag.prompts import Segments, answer_target, collate, qa_prompt
+from dyprag.prompts import PLAIN, PromptFormat, Segments, collate
 
 FORMAT = "dyprag-bank"
 
@@ -102,8 +102,10 @@ WORLD_BANK = BankConfig(rank=8, alpha=32.0, lr=3e-2, epochs=80, qa_with_passage=
                         qa_closed_book=10, text=True, docs_per_step=128)
 
 
-def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer) -> list[Segments]:
-    """A document's training sequences (PRAG: 2 QA × {passage, rewrite} + 1 closed-book)."""
+def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer,
+                      fmt: PromptFormat = PLAIN) -> list[Segments]:
+    """A document's training sequences (PRAG: 2 QA × {passage, rewrite} + 1 closed-book),
+    asked in the run's prompt format."""
     texts = [doc.text, *doc.rewrites]
     with_passage = doc.qa[:config.qa_with_passage]
     closed = doc.qa[len(doc.qa) - min(config.qa_closed_book, len(doc.qa)):]
@@ -111,10 +113,10 @@ def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer) -> list[
     if config.text:
         examples += [[(t + (tokenizer.eos_token or ""), True)] for t in texts]
     for qa in with_passage:
-        examples += [[(qa_prompt(qa["question"], [t]), False),
-                      (answer_target(qa["answer"], tokenizer), True)] for t in texts]
-    examples += [[(qa_prompt(qa["question"]), False),
-                  (answer_target(qa["answer"], tokenizer), True)] for qa in closed]
+        examples += [[(fmt.prompt(qa["question"], [t]), False),
+                      (fmt.target(qa["answer"], tokenizer), True)] for t in texts]
+    examples += [[(fmt.prompt(qa["question"]), False),
+                  (fmt.target(qa["answer"], tokenizer), True)] for qa in closed]
     if config.loss_on == "all":
         examples = [[(text, True) for text, _ in ex] for ex in examples]
     return examples
@@ -194,9 +196,10 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
 
 
 def _fingerprint(docs: Sequence[AugmentedDoc], config: BankConfig, base_model: str,
-                 shapes: dict[Key, tuple[int, int]]) -> str:
+                 shapes: dict[Key, tuple[int, int]], fmt: PromptFormat) -> str:
     h = hashlib.sha256(json.dumps([dataclasses.asdict(config), base_model,
-                                   sorted((f"{k[0]}.{k[1]}", v) for k, v in shapes.items())],
+                                   sorted((f"{k[0]}.{k[1]}", v) for k, v in shapes.items())]
+                                  + ([fmt.kind] if fmt.kind != "plain" else []),
                                   sort_keys=True).encode())
     for doc in docs:
         h.update(json.dumps(doc.to_json(), sort_keys=True).encode())
@@ -225,15 +228,16 @@ def _shared_init(shapes: dict[Key, tuple[int, int]], config: BankConfig) -> LoRA
 
 def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Path,
                config: BankConfig = BankConfig(), base_model: str = "",
-               progress: bool = True) -> Path:
-    """Train (or resume, or reuse) the bank of ``docs`` in ``out_dir``; returns ``out_dir``."""
+               progress: bool = True, fmt: PromptFormat = PLAIN) -> Path:
+    """Train (or resume, or reuse) the bank of ``docs`` in ``out_dir``, its examples asked
+    in ``fmt``; returns ``out_dir``."""
     out = Path(out_dir)
     rank, world = _distributed()
     shapes = inject_lora(model).shapes
     docs = [d for d in docs if d.qa or (config.text and d.text)]
     if not docs:
         raise ValueError("no document has training examples (every augmentation failed?)")
-    key = _fingerprint(docs, config, base_model, shapes)
+    key = _fingerprint(docs, config, base_model, shapes, fmt)
     meta_path = out / "meta.json"
     if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
         return out
@@ -249,7 +253,7 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
             atomic_write_json(progress_path, {"fingerprint": key})
     _barrier()
 
-    examples = [document_examples(d, config, tokenizer) for d in docs]
+    examples = [document_examples(d, config, tokenizer, fmt) for d in docs]
     init = _warmup_init(model, tokenizer, examples, out / "warmup", config, shapes, rank) \
         if config.init == "warmup" else _shared_init(shapes, config)
     shards = [list(range(s, min(s + config.shard_size, len(docs))))
@@ -276,7 +280,7 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
         atomic_write_json(meta_path, {
             "format": FORMAT, "fingerprint": key, "base_model": base_model,
             "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in shapes.items()},
-            "rank": config.rank, "alpha": config.alpha,
+            "rank": config.rank, "alpha": config.alpha, "prompt_format": fmt.kind,
             "dtype": str(_train_dtype(model)).removeprefix("torch."),
             "documents": len(docs), "shards": len(shards), "config": dataclasses.asdict(config),
             "mean_final_loss": sum(losses) / len(losses), "train_seconds": round(seconds, 2)})

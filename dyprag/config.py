@@ -2,8 +2,8 @@
 
     config = load_config("configs/qwen2.5-1.5b-popqa.yaml", ["bank.epochs=2", "run.name=x"])
 
-A run config is a mapping of sections (``run``, ``data``, ``model``, ``index``, ``augment``,
-``bank``, ``translator``, ``train``, ``eval``, ``wandb``); ``DEFAULTS`` holds every key with
+A run config is a mapping of sections (``run``, ``data``, ``model``, ``index``, ``prompt``,
+``augment``, ``bank``, ``translator``, ``train``, ``eval``, ``wandb``); ``DEFAULTS`` holds every key with
 its default (the embedded synthetic-world job, so ``python train.py`` needs no file). A file
 may start from another with ``base: other.yaml`` (resolved relative to the file). Overrides
 use dotted keys and YAML values (``train.lr=1e-4``, ``eval.modes=[vanilla,rag@3]``).
@@ -24,6 +24,8 @@ import yaml
 
 from dyprag.bank import WORLD_BANK, BankConfig
 from dyprag.qa import FORMATS
+
+PROMPT_FORMATS = ("plain", "chat")  # dyprag.prompts.FORMATS (that module imports torch)
 
 MODES = ("vanilla", "rag", "prag", "dyprag", "prag+rag", "dyprag+rag")
 
@@ -52,7 +54,14 @@ DEFAULTS: dict[str, Any] = {
     # k: documents per question at query time (infer.py's default). A world question is
     # about one person, whose bio alone answers it, so 1; the paper configs use 3.
     "index": {"method": "dense", "embedder": None, "factory": "Flat", "k": 1},
-    "augment": {"rewrites": 1, "questions": 3, "max_retries": 2, "batch_size": 8},
+    # How the model is asked: "plain" ("Question: … Answer:", the world's tiny model) or
+    # "chat" (the tokenizer's chat template, PRAG's instruction); "auto": chat when the
+    # tokenizer has a chat template. One format serves bank, translator, eval and infer.py.
+    "prompt": {"format": "auto"},
+    # method "template": the world's own QA templates; "llm": the base model writes the
+    # rewrites and QA pairs; "auto": template for the world, llm for data.kind "qa".
+    "augment": {"method": "auto", "rewrites": 1, "questions": 3, "max_retries": 2,
+                "batch_size": 8},
     "bank": {**{k: getattr(WORLD_BANK, k) for k in BankConfig.__dataclass_fields__},
              "epochs": 20, "docs_per_step": 100},
     # The world's translator: linear in the passage's mean token embedding (see
@@ -81,6 +90,8 @@ DEFAULTS: dict[str, Any] = {
 
 CHOICES = {
     ("data", "kind"): ("world", "qa"),
+    ("prompt", "format"): ("auto", *PROMPT_FORMATS),
+    ("augment", "method"): ("auto", "template", "llm"),
     ("data", "train_docs"): ("gold", "retrieved"),
     ("index", "method"): ("dense", "bm25", "hybrid"),
     ("translator", "architecture"): ("per_layer", "shared", "linear"),
@@ -192,6 +203,9 @@ def validate(config: dict, complete: bool = True) -> list[str]:
     if problems:
         return problems
     data, train = config["data"], config["train"]
+    if data["kind"] == "qa" and config["augment"]["method"] == "template":
+        problems.append("augment.method: 'template' is the synthetic world's; with data.kind "
+                        "'qa' use 'llm' (or 'auto')")
     if data["kind"] == "qa" and complete:
         for key in ("corpus", "train_qa", "test_qa"):
             if not data[key]:

@@ -37,7 +37,7 @@ from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
 from dyprag.metrics import score
 from dyprag.optim import adamw_warmup_cosine
-from dyprag.prompts import Segments, collate, generate_answers
+from dyprag.prompts import PLAIN, PromptFormat, Segments, collate, generate_answers
 from dyprag.translator import ParameterTranslator
 
 
@@ -101,6 +101,7 @@ class ValidationQuestions:
     embeddings: Tensor
     prompts: list[str]
     answers: list[list[str]]
+    fmt: PromptFormat = PLAIN  # how answers are read from generations
 
 
 class DistillationDataModule(pl.LightningDataModule):
@@ -205,7 +206,7 @@ class TranslatorDistillation(pl.LightningModule):
         q = self.val_qa
         with torch.no_grad():
             lora = self.translator(q.embeddings.to(self.device)).detach()
-        predictions = generate_answers(self.base, q.tokenizer, q.prompts, lora=lora)
+        predictions = generate_answers(self.base, q.tokenizer, q.prompts, lora=lora, fmt=q.fmt)
         self.log("val/dyprag_f1", score(predictions, q.answers)["f1"], sync_dist=True)
 
     def on_before_optimizer_step(self, optimizer) -> None:

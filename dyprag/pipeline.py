@@ -28,6 +28,7 @@ from dyprag.corpus import read_passages
 from dyprag.evaluate import EmbeddingTable, Knowledge, evaluate
 from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.models import load_model
+from dyprag.prompts import prompt_format
 from dyprag.qa import QAExample, load_qa
 from dyprag.retrieval import Retriever, build_retriever
 from dyprag.training import fit_translator, is_rank_zero, log_results
@@ -118,19 +119,37 @@ def training_documents(config: dict, data: Data, retriever: Retriever) -> list[s
     return list(dict.fromkeys(ids))
 
 
+def augment_method(config: dict) -> str:
+    """``augment.method`` resolved: ``auto`` is the world's templates, else the LLM."""
+    method = config["augment"]["method"]
+    if method == "auto":
+        return "template" if config["data"]["kind"] == "world" else "llm"
+    return method
+
+
 def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, model, tokenizer):
+    """Rewrites and QA pairs of ``doc_ids`` (cached line by line in ``path``, which is
+    started over when the method changes); documents without QA pairs are left out."""
     passages = list(read_passages(data.corpus, doc_ids).values())
-    if data.world is not None:
+    a, method = config["augment"], augment_method(config)
+    if method == "template":
         augmenter = TemplateAugmenter(data.world)
     else:
-        a = config["augment"]
         augmenter = LLMAugmenter.from_model(model, tokenizer, batch_size=a["batch_size"],
                                             seed=config["run"]["seed"], rewrites=a["rewrites"],
                                             questions=a["questions"], max_retries=a["max_retries"])
-    stats = augment_corpus(passages, augmenter, path, batch_size=config["augment"]["batch_size"])
-    if stats.failed:
-        log(f"augmentation: {stats.failed} of {len(passages)} documents failed (left out)")
+    key = "template" if method == "template" else fingerprint(
+        [method, {k: v for k, v in a.items() if k != "batch_size"}])
+    marker = path.with_name(path.name + ".json")
+    if path.is_file() and (read_json(marker) if marker.is_file() else {}).get("fingerprint",
+                                                                               "template") != key:
+        path.unlink()  # written by another method or recipe
+    atomic_write_json(marker, {"fingerprint": key, "method": method})
+    stats = augment_corpus(passages, augmenter, path, batch_size=a["batch_size"])
     records = {r.doc_id: r for r in read_augmented(path)}
+    failed = sum(not records[p.id].qa for p in passages if p.id in records)
+    log(f"augmentation ({method}): {len(passages) - failed} of {len(passages)} documents with "
+        f"QA pairs ({stats.written} written now)" + (f"; {failed} left out" if failed else ""))
     return [records[d] for d in doc_ids if d in records and records[d].qa]
 
 
@@ -215,8 +234,10 @@ def run(config: dict) -> dict | None:
     doc_ids = training_documents(config, data, retriever)
     docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
     log(f"augmented {len(docs)} training documents")
+    fmt = prompt_format(tokenizer, config["prompt"]["format"])
+    log(f"prompt format: {fmt.kind}")
     bank_dir = build_bank(model, tokenizer, docs, out / "bank", bank_config(config),
-                          base_model=model_id)
+                          base_model=model_id, fmt=fmt)
     bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
     test, hits = test_retrieval(config, data, retriever)
@@ -261,6 +282,7 @@ def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[
     """Every mode of ``eval.modes`` on the test questions; PRAG modes first train the bank
     LoRAs of the documents retrieved for them (a second bank, ``bank-eval``)."""
     ev = config["eval"]
+    fmt = prompt_format(tokenizer, config["prompt"]["format"])
     questions = [qa.question for qa in test]
     recall = {}
     if all("doc_id" in qa.meta for qa in test):
@@ -271,12 +293,13 @@ def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[
         needed = list(dict.fromkeys(d for h in hits for d in h[:prag_k]))
         docs = stage_augment(config, data, needed, out / "augmented-eval.jsonl", model, tokenizer)
         knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / "bank-eval",
-                                             bank_config(config), base_model=model_id),
+                                             bank_config(config), base_model=model_id, fmt=fmt),
                                   base_model=model_id)
     scores, predictions = evaluate(
         model, tokenizer, ev["modes"], questions, [qa.answers for qa in test], hits, knowledge,
         ev["max_new_tokens"], ev["batch_size"],
-        progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"))
+        progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"),
+        fmt=fmt)
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev["modes"]}}
                for i, qa in enumerate(test[:ev["samples"]])]

@@ -23,6 +23,7 @@ from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import load_model
+from dyprag.prompts import prompt_format
 from dyprag.pipeline import (model_device, model_dtype, retriever_embeddings, stored_embeddings,
                              translator_encoder, world_model_id)
 from dyprag.retrieval import Retriever, load_retriever
@@ -47,6 +48,7 @@ class TrainedRun:
         self.path, self.config = path, config
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.retriever, self.knowledge, self.corpus = retriever, knowledge, corpus
+        self.fmt = prompt_format(tokenizer, config["prompt"]["format"])
 
     @classmethod
     def open(cls, path: str | Path, device: str | None = None) -> TrainedRun:
@@ -111,7 +113,8 @@ class TrainedRun:
             self.ensure_embeddings({d for h in hits for d in h})
         ev = self.config["eval"]
         return answer(self.model, self.tokenizer, mode, questions, hits, self.knowledge,
-                      max_new_tokens or ev["max_new_tokens"], batch_size or ev["batch_size"])
+                      max_new_tokens or ev["max_new_tokens"], batch_size or ev["batch_size"],
+                      self.fmt)
 
     def ensure_embeddings(self, doc_ids: set[str]) -> None:
         """LLM embeddings are stored for the documents training and eval needed; others are

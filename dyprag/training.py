@@ -43,7 +43,7 @@ from dyprag.evaluate import EmbeddingTable
 from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.inject import inject_lora
 from dyprag.metrics import score
-from dyprag.prompts import generate_answers, qa_prompt
+from dyprag.prompts import PLAIN, PromptFormat, generate_answers, prompt_format
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
 
 
@@ -84,34 +84,37 @@ def translator_recipe(config: dict) -> BankConfig:
 def _data(docs: list[AugmentedDoc], config: dict, tokenizer, lora_bank: LoRABank,
           embeddings: EmbeddingTable, extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
-    recipe = translator_recipe(config)
+    recipe, fmt = translator_recipe(config), prompt_format(tokenizer, config["prompt"]["format"])
     every = [*docs, *extra]
     return DistillationData(embeddings.get([d.doc_id for d in every]),
                             lora_bank.get([d.doc_id for d in docs]),
-                            [document_examples(d, recipe, tokenizer) for d in every],
+                            [document_examples(d, recipe, tokenizer, fmt) for d in every],
                             torch.tensor([1.0] * len(docs) + [0.0] * len(extra)))
 
 
 def _validation_questions(docs: list[AugmentedDoc], limit: int, tokenizer,
-                          embeddings: EmbeddingTable) -> ValidationQuestions | None:
+                          embeddings: EmbeddingTable,
+                          fmt: PromptFormat = PLAIN) -> ValidationQuestions | None:
     rows = [(d.doc_id, qa) for d in docs for qa in d.qa][:limit]
     if not rows:
         return None
     return ValidationQuestions(tokenizer, embeddings.get([d for d, _ in rows]),
-                               [qa_prompt(qa["question"]) for _, qa in rows],
-                               [[qa["answer"]] for _, qa in rows])
+                               [fmt.prompt(qa["question"]) for _, qa in rows],
+                               [[qa["answer"]] for _, qa in rows], fmt)
 
 
 def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], limit: int,
-           tokenizer, embeddings: EmbeddingTable) -> float | None:
+           tokenizer, embeddings: EmbeddingTable, fmt: PromptFormat = PLAIN,
+           max_new_tokens: int = 8) -> float | None:
     """DyPRAG F1 on the augmented questions of ``docs``, each with its own document's
     generated LoRA: on training documents it measures fit, on held-out ones generalisation."""
-    q = _validation_questions(docs, limit, tokenizer, embeddings)
+    q = _validation_questions(docs, limit, tokenizer, embeddings, fmt)
     if q is None:
         return None
     with torch.no_grad():
         lora = translator(q.embeddings.to(model.device)).detach()
-    return score(generate_answers(model, tokenizer, q.prompts, lora=lora), q.answers)["f1"]
+    return score(generate_answers(model, tokenizer, q.prompts, max_new_tokens, lora=lora,
+                                  fmt=fmt), q.answers)["f1"]
 
 
 def wandb_mode(config: dict) -> str:
@@ -166,7 +169,9 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
                                     warmup_steps=tr["warmup_steps"], total_steps=None,
                                     w_lm=tr["w_lm"], w_kl=tr["w_kl"], w_mse=tr["w_mse"],
                                     mse_space=tr["mse_space"])
-    system.val_qa = _validation_questions(val_docs, tr["val_questions"], tokenizer, embeddings)
+    fmt = prompt_format(tokenizer, config["prompt"]["format"])
+    system.val_qa = _validation_questions(val_docs, tr["val_questions"], tokenizer, embeddings,
+                                          fmt)
     datamodule = DistillationDataModule(
         tokenizer, _data(train_docs, config, tokenizer, bank, embeddings, extra),
         _data(val_docs, config, tokenizer, bank, embeddings) if val_docs else None,
@@ -193,7 +198,8 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
         raise
     if trainer.is_global_zero:
         translator.eval()
-        fit = {name: fit_f1(model, translator, group, tr["val_questions"], tokenizer, embeddings)
+        fit = {name: fit_f1(model, translator, group, tr["val_questions"], tokenizer, embeddings,
+                            fmt, config["eval"]["max_new_tokens"])
                for name, group in (("seen", train_docs), ("held_out", val_docs))}
         save_translator(translator, saved, {
             "base_model": model_id, "embedding": config["translator"]["embedding"],
