@@ -8,11 +8,13 @@ Each training document becomes one jsonl record (DESIGN.md §5)::
 
 Two augmenters share one interface (``augment(passages) -> records``):
 
-- ``LLMAugmenter``: a real LLM writes a rewrite and a JSON list of QA pairs (chat template when
-  the tokenizer has one), batched. A reply that is not a valid QA list is retried a *bounded*
-  number of times (sampling, so a retry can differ); after that the document keeps its
-  rewrites, gets no QA and an ``error``, and is counted as failed. The reference code retries
-  until the model complies, which can loop forever.
+- ``LLMAugmenter``: a real LLM writes a rewrite and QA pairs (chat template when the tokenizer
+  has one; one worked example first; ``Question: … / Answer: …`` lines or a JSON list), batched.
+  Pairs whose answer is not in the passage are dropped. A reply with no usable pair is
+  retried a *bounded* number of times (sampling, so a retry can differ); after that the
+  document keeps its rewrites, gets no QA and an ``error`` (with the reply's start), and is
+  counted as failed. The reference code retries until the model complies, which can loop
+  forever.
 - ``TemplateAugmenter``: the synthetic world's rewrites and its ``augment_question_templates``,
   whose phrasings are disjoint from the test questions' (checked), so scores measure injected
   knowledge rather than a memorised question string.
@@ -27,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,79 +117,173 @@ REWRITE_PROMPT = (
     "technical term exactly as written, and keep all of its facts.\n\nPassage: {passage}\n\n"
     "Rewritten passage:")
 QA_PROMPT = (
-    "Write {n} questions that the passage below answers, each with a short answer taken from "
-    "the passage. Reply with a JSON list only, like "
-    '[{{"question": "...", "answer": "..."}}].\n\nPassage: {passage}\n\nJSON:')
+    "Write {n} questions that the passage below answers, each followed by its short answer "
+    "copied from the passage, in this format:\nQuestion: ...\nAnswer: ...\n\nPassage: {passage}")
+# One worked example shown before the real request (a user turn and the assistant's reply):
+# without it SmolLM2-135M-Instruct wrote questions without answers, or prose, never JSON.
+QA_EXAMPLE = (
+    "Ada Lovelace was born in London in 1815. She worked with Charles Babbage on the "
+    "Analytical Engine.",
+    "Question: Where was Ada Lovelace born?\nAnswer: London\n"
+    "Question: In which year was Ada Lovelace born?\nAnswer: 1815\n"
+    "Question: Who did Ada Lovelace work with?\nAnswer: Charles Babbage")
 
-Generate = Callable[[list[str], bool], list[str]]
-"""(prompts, sample) → one completion per prompt; greedy when ``sample`` is False."""
+Generate = Callable[[list[str], bool, str], list[str]]
+"""(prompts, sample, task) → one completion per prompt; greedy when ``sample`` is False;
+``task`` is "rewrite" or "qa" (a QA completion may stop once it holds enough pairs)."""
+Chat = Callable[[list[dict[str, str]]], str]
+"""Messages ({"role", "content"}) → the prompt text the model continues."""
+
+_QUESTION = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:question|q)\s*\d*\s*[:.]\s*(.*?)\s*$", re.I)
+_ANSWER = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:answer|a)\s*\d*\s*[:.]\s*(.*?)\s*$", re.I)
+_INLINE = re.compile(r"\s(?:answer|a)\s*:\s*", re.I)  # "Question: …? Answer: …" on one line
 
 
-def parse_qa(reply: str, n: int) -> list[dict[str, str]]:
-    """The first JSON list in ``reply`` as up to ``n`` ``{question, answer}`` pairs.
+def _pairs_from_lines(reply: str) -> list[tuple[str, str]]:
+    """``Question: …`` / ``Answer: …`` pairs (also ``Q:``/``A:``, numbered, or both on one
+    line), in order."""
+    pairs, question = [], None
+    for line in reply.splitlines():
+        if (q := _QUESTION.match(line)) is not None:
+            question = q[1]
+            inline = _INLINE.split(question, maxsplit=1)
+            if len(inline) == 2:
+                pairs.append((inline[0].strip(), inline[1].strip()))
+                question = None
+        elif (a := _ANSWER.match(line)) is not None and question is not None:
+            pairs.append((question, a[1]))
+            question = None
+    return pairs
 
-    Raises ``ValueError`` saying what is wrong when there is no usable pair.
-    """
+
+def _pairs_from_json(reply: str) -> list[tuple[str, str]] | None:
+    """The pairs of the first JSON list in ``reply``; None when there is no such list."""
     start, end = reply.find("["), reply.rfind("]")
     if start < 0 or end <= start:
-        raise ValueError("no JSON list in the reply")
+        return None
     try:
         items = json.loads(reply[start:end + 1])
-    except json.JSONDecodeError as err:
-        raise ValueError(f"the JSON list does not parse: {err.msg}") from None
-    pairs = [{"question": item["question"].strip(), "answer": str(item["answer"]).strip()}
-             for item in items
-             if isinstance(item, dict) and isinstance(item.get("question"), str)
-             and isinstance(item.get("answer"), (str, int, float))
-             and item["question"].strip() and str(item["answer"]).strip()]
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(items, list):
+        return None
+    return [(item["question"], str(item["answer"])) for item in items
+            if isinstance(item, dict) and isinstance(item.get("question"), str)
+            and isinstance(item.get("answer"), (str, int, float))]
+
+
+def _plain(text: str) -> str:
+    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def parse_qa(reply: str, n: int, passage: str | None = None) -> list[dict[str, str]]:
+    """Up to ``n`` ``{question, answer}`` pairs from an LLM's reply: a JSON list, or
+    ``Question: …`` / ``Answer: …`` lines (what small chat models write).
+
+    Pairs with an empty side are dropped, and so are repeats of a question. With ``passage``,
+    so are answers that are not in it (after lowercasing and dropping punctuation) and
+    answers the question already contains: the pair must teach a fact of the document.
+    Raises ``ValueError`` saying what is wrong when no usable pair is left.
+    """
+    found = _pairs_from_json(reply)
+    if not found:
+        found = _pairs_from_lines(reply)
+    if not found:
+        raise ValueError("no JSON list and no 'Question: … Answer: …' lines in the reply")
+    pairs, seen = [], set()
+    text = f" {_plain(passage)} " if passage is not None else None
+    for question, answer in found:
+        question, answer = question.strip(), answer.strip().removesuffix(".").strip()
+        plain = _plain(answer)
+        if not question or not plain or question.lower() in seen:
+            continue
+        if text is not None and (f" {plain} " not in text or plain in _plain(question)):
+            continue
+        seen.add(question.lower())
+        pairs.append({"question": question, "answer": answer})
     if not pairs:
-        raise ValueError("the JSON list holds no {question, answer} object")
+        reason = " found in the passage" if passage is not None else ""
+        raise ValueError(f"{len(found)} pairs in the reply, none with a usable answer{reason}")
     return pairs[:n]
+
+
+def plain_chat(messages: list[dict[str, str]]) -> str:
+    """Messages as plain text, for a model without a chat template."""
+    return "\n\n".join(m["content"] for m in messages) + "\n\n"
 
 
 class LLMAugmenter:
     """Rewrites and QA pairs written by an LLM through ``generate`` (see ``from_model``)."""
 
     def __init__(self, generate: Generate, rewrites: int = 1, questions: int = 3,
-                 max_retries: int = 2, chat: Callable[[str], str] | None = None):
+                 max_retries: int = 2, chat: Chat | None = None):
         if max_retries < 0:
             raise ValueError(f"max_retries must be ≥ 0, got {max_retries}")
         self.generate, self.rewrites, self.questions = generate, rewrites, questions
         self.max_retries = max_retries
-        self.chat = chat or (lambda text: text)
+        self.chat = chat or plain_chat
 
     @classmethod
-    def from_model(cls, model, tokenizer, max_new_tokens: int = 384, batch_size: int = 8,
+    def from_model(cls, model, tokenizer, max_new_tokens: int = 256, batch_size: int = 8,
                    seed: int = 0, **kwargs: Any) -> LLMAugmenter:
-        """Batched ``generate`` of a Hugging Face model; the chat template when it has one."""
-        import torch
+        """Batched ``generate`` of a Hugging Face model; the chat template when it has one.
 
-        def generate(prompts: list[str], sample: bool) -> list[str]:
+        Generation stops at the end-of-sequence token, and a QA reply also once it holds
+        ``questions`` complete answer lines (small models go on repeating pairs until
+        ``max_new_tokens`` otherwise).
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        questions = kwargs.get("questions", 3)
+
+        class PairsDone(StoppingCriteria):
+            def __init__(self, start: int):
+                self.start = start
+
+            def __call__(self, input_ids, scores, **_) -> torch.Tensor:
+                texts = tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+                done = [sum(bool(_ANSWER.match(line)) for line in t.split("\n")[:-1]) >= questions
+                        for t in texts]
+                return torch.tensor(done, device=input_ids.device)
+
+        def generate(prompts: list[str], sample: bool, task: str) -> list[str]:
             torch.manual_seed(seed)
             out = []
             for i in range(0, len(prompts), batch_size):
                 batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
                                   padding_side="left", add_special_tokens=False)
                 batch = batch.to(next(model.parameters()).device)
+                width = batch["input_ids"].shape[1]
+                stop = StoppingCriteriaList([PairsDone(width)]) if task == "qa" else None
                 with torch.no_grad():
                     ids = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=sample,
                                          temperature=0.7 if sample else None, top_p=None,
-                                         top_k=None, pad_token_id=tokenizer.pad_token_id)
-                out += tokenizer.batch_decode(ids[:, batch["input_ids"].shape[1]:],
-                                              skip_special_tokens=True)
+                                         top_k=None, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=tokenizer.eos_token_id,
+                                         stopping_criteria=stop)
+                out += tokenizer.batch_decode(ids[:, width:], skip_special_tokens=True)
             return out
 
         chat = None
         if getattr(tokenizer, "chat_template", None):
-            chat = lambda text: tokenizer.apply_chat_template(  # noqa: E731
-                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            chat = lambda messages: tokenizer.apply_chat_template(  # noqa: E731
+                messages, tokenize=False, add_generation_prompt=True)
         return cls(generate, chat=chat, **kwargs)
+
+    def qa_prompt(self, passage: str) -> str:
+        """The QA request for ``passage``, after one worked example."""
+        example, reply = QA_EXAMPLE
+        return self.chat([
+            {"role": "user", "content": QA_PROMPT.format(n=3, passage=example)},
+            {"role": "assistant", "content": reply},
+            {"role": "user", "content": QA_PROMPT.format(n=self.questions, passage=passage)}])
 
     def augment(self, passages: Sequence[Passage]) -> list[AugmentedDoc]:
         texts = [p.text for p in passages]
-        rewrite_prompts = [self.chat(REWRITE_PROMPT.format(passage=t))
+        rewrite_prompts = [self.chat([{"role": "user", "content": REWRITE_PROMPT.format(passage=t)}])
                            for t in texts for _ in range(self.rewrites)]
-        rewrites = [r.strip() for r in self.generate(rewrite_prompts, self.rewrites > 1)]
+        rewrites = [r.strip() for r in self.generate(rewrite_prompts, self.rewrites > 1, "rewrite")]
         records = [AugmentedDoc(p.id, p.text, [r for r in rewrites[i * self.rewrites:
                                                                     (i + 1) * self.rewrites] if r])
                    for i, p in enumerate(passages)]
@@ -195,14 +292,13 @@ class LLMAugmenter:
         for attempt in range(1 + self.max_retries):
             if not pending:
                 break
-            prompts = [self.chat(QA_PROMPT.format(n=self.questions, passage=texts[i]))
-                       for i in pending]
+            prompts = [self.qa_prompt(texts[i]) for i in pending]
             still = []
-            for i, reply in zip(pending, self.generate(prompts, attempt > 0)):
+            for i, reply in zip(pending, self.generate(prompts, attempt > 0, "qa")):
                 try:
-                    records[i].qa = parse_qa(reply, self.questions)
+                    records[i].qa = parse_qa(reply, self.questions, texts[i])
                 except ValueError as err:
-                    errors[i] = str(err)
+                    errors[i] = f"{err}; reply began {reply[:80]!r}"
                     still.append(i)
             pending = still
         for i in pending:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -35,15 +36,39 @@ def test_parse_qa_rejects_unusable_replies(reply):
         parse_qa(reply, 3)
 
 
+def test_parse_qa_reads_question_answer_lines():
+    reply = ("Question: Where was Idris Kael born?\nAnswer: Velmora.\n"
+             "2. Q: In which city was Idris Kael born? A: Velmora\n"
+             "Question: What did Idris Kael study?\n")  # no answer: dropped
+    assert parse_qa(reply, 5) == [
+        {"question": "Where was Idris Kael born?", "answer": "Velmora"},
+        {"question": "In which city was Idris Kael born?", "answer": "Velmora"}]
+
+
+def test_parse_qa_with_the_passage_keeps_only_answers_it_contains():
+    passage = "Idris Kael was born in Velmora. Idris Kael works for Halvex."
+    reply = ("Question: Where was Idris Kael born?\nAnswer: Velmora\n"
+             "Question: Where was Idris Kael born?\nAnswer: Velmora\n"  # a repeat
+             "Question: Who married Idris Kael?\nAnswer: Soren Vance\n"  # not in the passage
+             "Question: Who is Idris Kael?\nAnswer: Idris Kael\n"  # the question's own words
+             "Question: Who employs Idris Kael?\nAnswer: halvex")
+    assert parse_qa(reply, 5, passage) == [
+        {"question": "Where was Idris Kael born?", "answer": "Velmora"},
+        {"question": "Who employs Idris Kael?", "answer": "halvex"}]
+    with pytest.raises(ValueError, match="none with a usable answer found in the passage"):
+        parse_qa("Question: Who married Idris Kael?\nAnswer: Soren Vance", 3, passage)
+
+
 class Scripted:
     """A fake LLM: rewrites echo the passage; QA replies come from a per-call script."""
 
     def __init__(self, qa_replies: list[list[str]]):
         self.qa_replies, self.calls = list(qa_replies), []
 
-    def __call__(self, prompts: list[str], sample: bool) -> list[str]:
+    def __call__(self, prompts: list[str], sample: bool, task: str) -> list[str]:
         self.calls.append((len(prompts), sample))
-        if "Rewritten passage:" in prompts[0]:
+        assert task == ("rewrite" if "Rewritten passage:" in prompts[0] else "qa")
+        if task == "rewrite":
             return [p.split("Passage: ")[1].split("\n")[0] + " (rewritten)" for p in prompts]
         return self.qa_replies.pop(0)
 
@@ -66,7 +91,8 @@ def test_failures_are_counted_and_the_run_resumes(tmp_path):
     with open(out, "a") as f:
         f.write('{"doc_id": "d3", "te')  # a run killed mid-line
     more = PASSAGES + [Passage("d3", "", "Soren Vance studied geology.")]
-    stats = augment_corpus(more, LLMAugmenter(Scripted([[GOOD]])), out, progress=False)
+    geology = '[{"question": "What did Soren Vance study?", "answer": "geology"}]'
+    stats = augment_corpus(more, LLMAugmenter(Scripted([[geology]])), out, progress=False)
     assert (stats.written, stats.failed, stats.cached) == (1, 0, 2)
     assert [r.doc_id for r in read_augmented(out)] == ["d1", "d2", "d3"]
 
@@ -121,10 +147,16 @@ def test_llm_augmenter_wraps_prompts_in_the_chat_template_when_there_is_one():
 
     tokenizer = build_tokenizer(["user says hi"])
     model = tiny_model(vocab_size=len(tokenizer))
-    assert LLMAugmenter.from_model(model, tokenizer).chat("hi") == "hi"
+    hi = [{"role": "user", "content": "hi"}]
+    assert LLMAugmenter.from_model(model, tokenizer).chat(hi) == "hi\n\n"
     tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    assert LLMAugmenter.from_model(model, tokenizer).chat("hi") == "<|user|>hi<|assistant|>"
+    augmenter = LLMAugmenter.from_model(model, tokenizer)
+    assert augmenter.chat(hi) == "<|user|>hi<|assistant|>"
+    # the QA request: a worked example as a user/assistant exchange, then the passage
+    prompt = augmenter.qa_prompt("Idris Kael was born in Velmora.")
+    assert prompt.count("<|user|>") == 2 and prompt.count("<|assistant|>") == 2
+    assert prompt.endswith("Passage: Idris Kael was born in Velmora.<|assistant|>")
 
 
 def test_fresh_documents_are_new_people_asked_with_augmentation_phrasings(world):
@@ -140,3 +172,21 @@ def test_fresh_documents_are_new_people_asked_with_augmentation_phrasings(world)
         assert len(doc.qa) == sum(len(t) for t in schema["augment_question_templates"].values())
         assert len(doc.rewrites) == 2 and all(qa["answer"] in doc.text for qa in doc.qa)
 
+
+
+def test_parse_qa_on_replies_recorded_from_smollm2():
+    recorded = json.loads((Path(__file__).parent / "fixtures" / "smollm2_qa_replies.json")
+                          .read_text())["replies"]
+    for row in recorded:
+        if row["pairs"]:
+            assert parse_qa(row["reply"], 3, row["passage"]) == row["pairs"]
+            assert all(p["answer"].lower() in row["passage"].lower() for p in row["pairs"])
+        else:
+            with pytest.raises(ValueError):
+                parse_qa(row["reply"], 3, row["passage"])
+    # The model answered the first bio's "married?" with its employer: grounded, though wrong;
+    # a name given as the answer to "Who is X?" is dropped.
+    assert recorded[0]["pairs"][0] == {"question": "Where is Jorund Oakenshield born?",
+                                       "answer": "Brightwater"}
+    assert all(p["answer"] != "Kieran Kingsley" for p in recorded[2]["pairs"])
+    assert sum(bool(row["pairs"]) for row in recorded) >= 10
