@@ -47,6 +47,7 @@ def test_run_config_loads_and_validates(path):
     assert (config["train"]["w_lm"], config["train"]["w_kl"], config["train"]["w_mse"]) == \
         (1.0, 0.01, 100.0)
     assert config["train"]["lr"] == 1e-5
+    assert config["prompt"]["format"] == "chat"  # instruct models, asked through their template
 
 
 @pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)
