@@ -397,13 +397,23 @@ class LoRABank:
             A[key], B[key] = torch.stack(rows_a), torch.stack(rows_b)
         return LoRA(A, B, self.meta["alpha"])
 
-    def combined(self, hits: Sequence[Sequence[str]]) -> LoRA:
+    def some_id(self) -> str:
+        return next(iter(self.index))
+
+    def combined(self, hits: Sequence[Sequence[str]], missing_ok: bool = False) -> LoRA:
         """PRAG's knowledge for each question: the sum of the deltas of its retrieved documents
-        (rank concatenation), batched over questions: ``(N, k·r, in)``, ``(N, out, k·r)``."""
+        (rank concatenation), batched over questions: ``(N, k·r, in)``, ``(N, out, k·r)``.
+
+        ``missing_ok``: a document without a LoRA (its augmentation wrote no QA pair) adds
+        nothing (zero factors) instead of raising ``KeyError``.
+        """
+        zero = self.get([self.some_id()])[0].map(torch.zeros_like) if missing_ok else None
         per_question = []
         for doc_ids in hits:
-            loras = self.get(doc_ids)
-            per_question.append(combine([loras[i] for i in range(len(doc_ids))]))
+            have = [d for d in doc_ids if d in self] if missing_ok else list(doc_ids)
+            loras = self.get(have) if have else None
+            found = {d: loras[i] for i, d in enumerate(have)}
+            per_question.append(combine([found.get(d, zero) for d in doc_ids]))
         return LoRA.stack(per_question)
 
 
@@ -428,6 +438,9 @@ class BankSet:
             raise KeyError(f"documents {missing[:5]} are in none of the banks "
                            f"{[str(b.path) for b in self.banks]}")
         return LoRA.stack([next(b for b in self.banks if d in b).get([d])[0] for d in doc_ids])
+
+    def some_id(self) -> str:
+        return self.banks[0].some_id()
 
     combined = LoRABank.combined
 

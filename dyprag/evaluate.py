@@ -72,6 +72,9 @@ class Knowledge:
     bank: LoRABank | BankSet | None = None
     translator: ParameterTranslator | None = None
     embeddings: EmbeddingTable | None = None
+    # PRAG modes: a retrieved document without a bank LoRA (its augmentation wrote no QA
+    # pair) adds nothing instead of being an error (train.py's eval of every test question).
+    missing_ok: bool = False
 
 
 @torch.no_grad()
@@ -90,7 +93,7 @@ def mode_lora(mode: str, hits: Hits, knowledge: Knowledge) -> LoRA | None:
     if name.startswith("prag"):
         if knowledge.bank is None:
             raise ValueError(f"mode {mode} needs a LoRA bank")
-        return knowledge.bank.combined([list(h[:k]) for h in hits])
+        return knowledge.bank.combined([list(h[:k]) for h in hits], knowledge.missing_ok)
     if name.startswith("dyprag"):
         if knowledge.translator is None or knowledge.embeddings is None:
             raise ValueError(f"mode {mode} needs a translator and document embeddings")

@@ -283,7 +283,8 @@ def run(config: dict) -> dict | None:
     shown = read_passages(data.corpus, (d for h in hits for d in h))  # all a prompt can hold
     results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,
                          Knowledge({d: p.text for d, p in shown.items()},
-                                   translator=fitted.translator, embeddings=embeddings), clock)
+                                   translator=fitted.translator, embeddings=embeddings,
+                                   missing_ok=True), clock)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["stage_seconds"] = clock.seconds
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())

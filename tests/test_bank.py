@@ -214,3 +214,16 @@ def test_two_processes_share_the_shards_and_build_the_same_bank(tmp_path):
     ddp = all_loras(tmp_path / "ddp")
     assert_close(ddp.A, single.A, **EXACT)
     assert_close(ddp.B, single.B, **EXACT)
+
+
+def test_prag_without_a_documents_lora_adds_nothing_when_missing_is_ok(tmp_path):
+    model, tokenizer = setup()
+    bank = LoRABank(build_bank(model, tokenizer, DOCS[:2], tmp_path / "bank", CONFIG,
+                               progress=False))
+    with pytest.raises(KeyError, match="failed-doc"):
+        bank.combined([["d0", "failed-doc"]])
+    lora = bank.combined([["d0", "failed-doc"], ["failed-doc", "failed-doc"]], missing_ok=True)
+    assert lora.rank == 2 * CONFIG.rank
+    for key in lora.keys:
+        assert_close(lora[0].delta(key), bank.get(["d0"])[0].delta(key))
+        assert not lora[1].delta(key).any()
