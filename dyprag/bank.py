@@ -199,7 +199,8 @@ def _fingerprint(docs: Sequence[AugmentedDoc], config: BankConfig, base_model: s
                  shapes: dict[Key, tuple[int, int]], fmt: PromptFormat) -> str:
     h = hashlib.sha256(json.dumps([dataclasses.asdict(config), base_model,
                                    sorted((f"{k[0]}.{k[1]}", v) for k, v in shapes.items())]
-                                  + ([fmt.kind] if fmt.kind != "plain" else []),
+                                  # the prompt's wording (chat template, instruction)
+                                  + ([fmt.prompt("Q?", ["P."])] if fmt.kind != "plain" else []),
                                   sort_keys=True).encode())
     for doc in docs:
         h.update(json.dumps(doc.to_json(), sort_keys=True).encode())

@@ -227,3 +227,23 @@ def test_prag_without_a_documents_lora_adds_nothing_when_missing_is_ok(tmp_path)
     for key in lora.keys:
         assert_close(lora[0].delta(key), bank.get(["d0"])[0].delta(key))
         assert not lora[1].delta(key).any()
+
+
+def test_a_bank_is_retrained_when_the_prompt_wording_changes(tmp_path, monkeypatch):
+    from dyprag.prompts import PromptFormat
+
+    model, tokenizer = setup()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    calls = []
+    real = bank_mod._train_shard
+    monkeypatch.setattr(bank_mod, "_train_shard", lambda *a: calls.append(1) or real(*a))
+    chat = PromptFormat("chat", tokenizer)
+    out = build_bank(model, tokenizer, DOCS[:2], tmp_path / "bank", CONFIG, progress=False,
+                     fmt=chat)
+    assert LoRABank(out).meta["prompt_format"] == "chat" and calls
+    calls.clear()
+    build_bank(model, tokenizer, DOCS[:2], out, CONFIG, progress=False, fmt=chat)
+    assert not calls, "the same wording reuses the bank"
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}] {% endfor %}"
+    build_bank(model, tokenizer, DOCS[:2], out, CONFIG, progress=False, fmt=chat)
+    assert calls, "other wording must retrain"
