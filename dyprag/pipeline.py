@@ -140,7 +140,8 @@ def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, mode
                                             seed=config["run"]["seed"], rewrites=a["rewrites"],
                                             questions=a["questions"], max_retries=a["max_retries"])
     key = "template" if method == "template" else fingerprint(
-        [method, {k: v for k, v in a.items() if k != "batch_size"}])
+        [method, {k: v for k, v in a.items() if k != "batch_size"}, config["model"]["name"],
+         augmenter.qa_prompt("P.")])  # the writer, its recipe and its prompt's wording
     marker = path.with_name(path.name + ".json")
     if path.is_file() and (read_json(marker) if marker.is_file() else {}).get("fingerprint",
                                                                                "template") != key:
@@ -287,6 +288,7 @@ def run(config: dict) -> dict | None:
                                    missing_ok=True), clock)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["stage_seconds"] = clock.seconds
+    results["prompt_format"], results["augment"] = fmt.kind, augment_method(config)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
     results["translator_fit_f1"] = read_json(out / "translator" / "meta.json").get("dyprag_f1", {})
     atomic_write_json(out / "eval.json", results)
@@ -366,4 +368,7 @@ def table(results: dict) -> str:
         lines.append(f"translator on its training documents' questions: F1 {fit['seen']:.3f}"
                      + (f"; on held-out documents': {fit['held_out']:.3f}"
                         if fit.get("held_out") is not None else ""))
-    return "\n".join(lines + [f"{results['questions']} test questions"])
+    how = [f"{name}: {results[k]}" for k, name in (("prompt_format", "prompts"),
+                                                   ("augment", "augmentation")) if k in results]
+    return "\n".join(lines + [f"{results['questions']} test questions"
+                              + (f" ({', '.join(how)})" if how else "")])

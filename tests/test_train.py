@@ -40,6 +40,10 @@ def test_the_run_prints_a_table_and_writes_every_mode(run):
     assert list(results["f1"]) == MODES
     assert all(0 <= f1 <= 1 for f1 in results["f1"].values())
     assert results["questions"] == 60 and results["translator_params"] > 0
+    # how the run asked and augmented (the world: plain prompts, template QA), and its stages
+    assert (results["prompt_format"], results["augment"]) == ("plain", "template")
+    assert {"data", "base", "index", "augment", "bank", "embeddings", "translator",
+            "eval"} <= set(results["stage_seconds"])
     assert load_config(out / "config.yaml") == load_config(config)  # the resolved config
 
 
