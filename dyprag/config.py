@@ -15,6 +15,7 @@ its field.
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -194,6 +195,8 @@ def validate(config: dict, complete: bool = True) -> list[str]:
                     problems.append(f"{name}: must be one of {CHOICES[(section, key)]}, got {value!r}")
             elif not _is(value, wanted, optional=(section, key) in TYPES):
                 problems.append(f"{name}: must be {wanted.__name__}, got {value!r}")
+            elif isinstance(value, float) and not math.isfinite(value):
+                problems.append(f"{name}: must be a finite number, got {value!r}")
     modes = config["eval"]["modes"]
     for mode in modes if isinstance(modes, list) else [modes]:
         try:

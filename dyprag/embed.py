@@ -19,7 +19,9 @@ whose embeddings do not fit in RAM (21M × 384 × 4 bytes = 32 GB) can still be 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +56,11 @@ class Embedder:
     """
 
     def __init__(self, model: str | None = None, device: str | None = None, batch_size: int = 64):
-        from sentence_transformers import SentenceTransformer  # heavy import, only when used
+        # A heavy import, only when used. It imports transformers' integrations, which print
+        # "[INFO] Running in WANDB offline mode" on stdout under WANDB_MODE=offline: stdout is
+        # for results (infer.py --json), so library chatter goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            from sentence_transformers import SentenceTransformer
 
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

@@ -113,3 +113,9 @@ def test_template_augmentation_is_refused_for_a_qa_dataset():
         load_config(CONFIGS / "llama3.2-1b-2wqa.yaml", ["augment.method=template"])
     with pytest.raises(ValueError, match=r"prompt.format: must be one of \('auto', 'plain', 'chat'\)"):
         load_config(None, ["prompt.format=json"])
+
+
+@pytest.mark.parametrize("override", ["train.lr=.nan", "train.w_kl=.inf", "bank.lr=-.inf"])
+def test_non_finite_numbers_are_refused_by_name(override):
+    with pytest.raises(ValueError, match=f"{override.split('=')[0]}: must be a finite number"):
+        load_config(None, [override])

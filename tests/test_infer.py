@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,3 +161,16 @@ def test_the_run_reads_its_two_banks_as_one(tiny_run):
         assert torch.equal(both.B[key][1], train.get([a]).B[key][0])
     with pytest.raises(KeyError, match="none of the banks"):
         BankSet([train, test]).get(["no-such-doc"])
+
+
+def test_json_output_is_json_only_with_wandb_offline(tiny_run, questions):
+    """A fresh process (library imports print at import time), W&B offline as the Makefile
+    sets it: every stdout line is one JSON object."""
+    _, out = tiny_run
+    result = subprocess.run([sys.executable, "infer.py", "--run", str(out), "--question",
+                             questions[0], "--mode", "rag", "--json"], capture_output=True,
+                            text=True, cwd=Path(infer.__file__).parent,
+                            env={**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["question"] == questions[0], result.stdout
