@@ -90,6 +90,8 @@ def _run(args) -> int:
         raise ValueError("no question: pass --question or --questions-file")
     if args.k is not None and args.k < 1:
         raise ValueError(f"--k must be ≥ 1, got {args.k}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     run = TrainedRun.open(args.run or latest_run())
     k = args.k or run.config["index"]["k"]
     mode = args.mode if args.mode == "vanilla" else f"{args.mode}@{k}"

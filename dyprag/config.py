@@ -142,6 +142,9 @@ def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
     """The file's mapping, preceded by its ``base:`` chain (oldest first)."""
+    if path.is_dir():
+        raise ValueError(f"config {path} is a directory; give a YAML file (e.g. "
+                         "configs/smollm2-world.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"config {path} does not exist")
     if path.resolve() in seen:

@@ -113,7 +113,8 @@ class TrainedRun:
             self.ensure_embeddings({d for h in hits for d in h})
         ev = self.config["eval"]
         return answer(self.model, self.tokenizer, mode, questions, hits, self.knowledge,
-                      max_new_tokens or ev["max_new_tokens"], batch_size or ev["batch_size"],
+                      ev["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
+                      ev["batch_size"] if batch_size is None else batch_size,
                       self.fmt)
 
     def ensure_embeddings(self, doc_ids: set[str]) -> None:

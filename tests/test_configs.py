@@ -119,3 +119,8 @@ def test_template_augmentation_is_refused_for_a_qa_dataset():
 def test_non_finite_numbers_are_refused_by_name(override):
     with pytest.raises(ValueError, match=f"{override.split('=')[0]}: must be a finite number"):
         load_config(None, [override])
+
+
+def test_a_directory_given_as_config_is_named_as_one(tmp_path):
+    with pytest.raises(ValueError, match="is a directory; give a YAML file"):
+        load_config(tmp_path)
