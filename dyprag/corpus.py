@@ -124,6 +124,20 @@ def iter_corpus(path: str | os.PathLike) -> Iterator[Passage]:
         raise ValueError(f"no passages in {path}")
 
 
+def corpus_ids(path: str | os.PathLike) -> list[str]:
+    """Every passage id, in corpus order; an id used twice is a ``ValueError`` naming it and
+    both passages (an index holding it twice would show one passage's text for the other)."""
+    ids: list[str] = []
+    first: dict[str, int] = {}
+    for number, passage in enumerate(iter_corpus(path), 1):
+        if passage.id in first:
+            raise ValueError(f"{path}: passage id {passage.id!r} is used by passage "
+                             f"{first[passage.id]} and again by passage {number}; ids must be unique")
+        first[passage.id] = number
+        ids.append(passage.id)
+    return ids
+
+
 def read_passages(path: str | os.PathLike, ids: Iterable[str]) -> dict[str, Passage]:
     """The passages of ``ids`` that the corpus holds, by id in corpus order: one pass that
     stops once all are found, holding only those (a DPR corpus has 21M passages)."""

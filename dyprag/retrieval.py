@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dyprag.corpus import corpus_fingerprint, iter_corpus
+from dyprag.corpus import corpus_fingerprint, corpus_ids, iter_corpus
 from dyprag.embed import Embedder
 from dyprag.index import META, DenseIndex
 from dyprag.files import atomic_write_json, read_json
@@ -127,9 +127,11 @@ def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, 
 
     if method in ("dense", "hybrid"):
         model = embedder if isinstance(embedder, Embedder) else Embedder(embedder)
-        embeddings = _doc_embeddings(corpus_path, out, fingerprint, model, show_progress)
         origin = {"embedder": model.name, "corpus_fingerprint": fingerprint}
-        if _meta_matches(out / "dense" / META, {**origin, "factory": factory}):
+        cached = _meta_matches(out / "dense" / META, {**origin, "factory": factory})
+        ids = None if cached else corpus_ids(corpus_path)  # a repeated id: refused up front
+        embeddings = _doc_embeddings(corpus_path, out, fingerprint, model, show_progress)
+        if cached:
             dense = DenseIndex.load(out / "dense", **origin)
             wanted = {**dense.meta.get("search_params", {}), **(search_params or {})}
             if wanted != dense.meta.get("search_params", {}):
@@ -137,7 +139,6 @@ def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, 
                     dense.set_search_parameter(name, value)
                 dense.save(out / "dense")
         else:
-            ids = [p.id for p in iter_corpus(corpus_path)]
             dense = DenseIndex.build(embeddings, ids, factory, origin, search_params=search_params,
                                      show_progress=show_progress)
             dense.save(out / "dense")
@@ -146,6 +147,8 @@ def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, 
         if _meta_matches(out / "bm25" / META, {"corpus_fingerprint": fingerprint}):
             bm25 = BM25Index.load(out / "bm25", corpus_fingerprint=fingerprint)
         else:
+            if dense is None:
+                corpus_ids(corpus_path)  # refuses a repeated id before indexing
             bm25 = BM25Index.build(corpus_path, {"corpus_fingerprint": fingerprint},
                                    show_progress=show_progress)
             bm25.save(out / "bm25")

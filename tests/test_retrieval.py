@@ -84,3 +84,13 @@ def test_load_refuses_another_embedder(embedder, corpus, tmp_path):
 def test_bad_method(corpus, tmp_path):
     with pytest.raises(ValueError, match="method must be one of"):
         build_retriever(corpus, tmp_path / "index", "colbert")
+
+
+@pytest.mark.parametrize("method", ["dense", "bm25"])
+def test_a_repeated_passage_id_is_refused_naming_it(embedder, tmp_path, method):
+    twice = [*PASSAGES, Passage(PASSAGES[0].id, "Someone else", "Another person's passage.")]
+    corpus = write_corpus_jsonl(twice, tmp_path / "corpus.jsonl")
+    with pytest.raises(ValueError, match=rf"passage id '{PASSAGES[0].id}' is used by passage 1 "
+                                         rf"and again by passage {len(twice)}"):
+        build_retriever(corpus, tmp_path / "index", method, embedder=embedder, show_progress=False)
+    assert not (tmp_path / "index" / method).exists(), "nothing indexed"
