@@ -235,16 +235,14 @@ class LLMAugmenter:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        questions = kwargs.get("questions", 3)
-
         class PairsDone(StoppingCriteria):
             def __init__(self, start: int):
                 self.start = start
 
             def __call__(self, input_ids, scores, **_) -> torch.Tensor:
                 texts = tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-                done = [sum(bool(_ANSWER.match(line)) for line in t.split("\n")[:-1]) >= questions
-                        for t in texts]
+                done = [sum(bool(_ANSWER.match(line)) for line in t.split("\n")[:-1])
+                        >= augmenter.questions for t in texts]
                 return torch.tensor(done, device=input_ids.device)
 
         def generate(prompts: list[str], sample: bool, task: str) -> list[str]:
@@ -269,7 +267,8 @@ class LLMAugmenter:
         if getattr(tokenizer, "chat_template", None):
             chat = lambda messages: tokenizer.apply_chat_template(  # noqa: E731
                 messages, tokenize=False, add_generation_prompt=True)
-        return cls(generate, chat=chat, **kwargs)
+        augmenter = cls(generate, chat=chat, **kwargs)
+        return augmenter
 
     def qa_prompt(self, passage: str) -> str:
         """The QA request for ``passage``, after one worked example."""

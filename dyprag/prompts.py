@@ -51,11 +51,6 @@ def qa_prompt(question: str, passages: Sequence[str] = ()) -> str:
     return f"{passage_context(passages)}Question: {question} Answer:"
 
 
-def answer_target(answer: str, tokenizer) -> str:
-    """What the model is trained to write after a prompt: `` {answer}`` then end of sequence."""
-    return f" {answer}{tokenizer.eos_token or ''}"
-
-
 FORMATS = ("plain", "chat")  # also dyprag.config.PROMPT_FORMATS (kept torch-free there)
 PRAG_INSTRUCTION = ("You should answer the question by referring to the knowledge provided "
                     "below and integrating your own knowledge.")

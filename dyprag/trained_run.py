@@ -23,9 +23,9 @@ from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import load_model
-from dyprag.prompts import prompt_format
 from dyprag.pipeline import (model_device, model_dtype, retriever_embeddings, stored_embeddings,
                              translator_encoder, world_model_id)
+from dyprag.prompts import prompt_format
 from dyprag.retrieval import Retriever, load_retriever
 from dyprag.translator import load_translator
 

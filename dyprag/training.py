@@ -81,10 +81,11 @@ def translator_recipe(config: dict) -> BankConfig:
         bank.qa_with_passage, config["train"]["qa_with_passage"]))
 
 
-def _data(docs: list[AugmentedDoc], config: dict, tokenizer, lora_bank: LoRABank,
-          embeddings: EmbeddingTable, extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
+def _data(docs: list[AugmentedDoc], config: dict, tokenizer, fmt: PromptFormat,
+          lora_bank: LoRABank, embeddings: EmbeddingTable,
+          extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
-    recipe, fmt = translator_recipe(config), prompt_format(tokenizer, config["prompt"]["format"])
+    recipe = translator_recipe(config)
     every = [*docs, *extra]
     return DistillationData(embeddings.get([d.doc_id for d in every]),
                             lora_bank.get([d.doc_id for d in docs]),
@@ -173,8 +174,8 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
     system.val_qa = _validation_questions(val_docs, tr["val_questions"], tokenizer, embeddings,
                                           fmt)
     datamodule = DistillationDataModule(
-        tokenizer, _data(train_docs, config, tokenizer, bank, embeddings, extra),
-        _data(val_docs, config, tokenizer, bank, embeddings) if val_docs else None,
+        tokenizer, _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
+        _data(val_docs, config, tokenizer, fmt, bank, embeddings) if val_docs else None,
         tr["batch_size"], tr["num_workers"])
 
     resume = _resume_point(ckpt_dir, key)
