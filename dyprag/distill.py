@@ -31,7 +31,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
@@ -104,25 +104,46 @@ class ValidationQuestions:
     fmt: PromptFormat = PLAIN  # how answers are read from generations
 
 
+class EpochShuffle(Sampler[int]):
+    """A permutation of ``range(n)`` drawn from ``seed + epoch`` alone, so an epoch sees the
+    same order whether the fit ran straight through or resumed from a checkpoint (a
+    ``RandomSampler`` draws from the global RNG, whose state a resumed process does not
+    share). Lightning calls ``set_epoch`` before every epoch."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+
 class DistillationDataModule(pl.LightningDataModule):
-    """Training and held-out ``DistillationData``, batched with ``DistillationData.collate``."""
+    """Training and held-out ``DistillationData``, batched with ``DistillationData.collate``;
+    training rows in a ``seed``ed order per epoch."""
 
     def __init__(self, tokenizer, train: DistillationData, val: DistillationData | None = None,
-                 batch_size: int = 32, num_workers: int = 0):
+                 batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
         self.tokenizer, self.train, self.val = tokenizer, train, val
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
-    def _loader(self, data: DistillationData, shuffle: bool) -> DataLoader:
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle,
+    def _loader(self, data: DistillationData, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(data, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers,
                           collate_fn=functools.partial(data.collate, self.tokenizer))
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
+        return self._loader(self.train, EpochShuffle(len(self.train), self.seed))
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val, shuffle=False) if self.val is not None else []
+        return self._loader(self.val) if self.val is not None else []
 
 
 class TranslatorDistillation(pl.LightningModule):
@@ -208,6 +229,13 @@ class TranslatorDistillation(pl.LightningModule):
             lora = self.translator(q.embeddings.to(self.device)).detach()
         predictions = generate_answers(self.base, q.tokenizer, q.prompts, lora=lora, fmt=q.fmt)
         self.log("val/dyprag_f1", score(predictions, q.answers)["f1"], sync_dist=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["torch_rng_state"] = torch.get_rng_state()  # exact resume of any sampling
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "torch_rng_state" in checkpoint:
+            torch.set_rng_state(checkpoint["torch_rng_state"])
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.norm() for p in self.translator.parameters() if p.grad is not None]

@@ -176,7 +176,7 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
     datamodule = DistillationDataModule(
         tokenizer, _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
         _data(val_docs, config, tokenizer, fmt, bank, embeddings) if val_docs else None,
-        tr["batch_size"], tr["num_workers"])
+        tr["batch_size"], tr["num_workers"], seed=config["run"]["seed"])
 
     resume = _resume_point(ckpt_dir, key)
     trainer = pl.Trainer(
