@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="questions per dataset")
     parser.add_argument("--out", type=Path, help="report directory (default: <run>/eval)")
     parser.add_argument("--no-wandb", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of one line")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
             parse_mode(mode)
         return _run(args)
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -70,7 +73,8 @@ def _run(args) -> int:
     from dyprag.evaluate import evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import exact_match, f1_score
-    from dyprag.trained_run import TrainedRun, latest_run
+    from dyprag.rundir import latest_run
+    from dyprag.trained_run import TrainedRun
 
     run = TrainedRun.open(args.run or latest_run())
     out = args.out or run.path / "eval"

@@ -66,19 +66,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per question")
     parser.add_argument("--export-peft", type=Path, metavar="DIR",
                         help="write the first question's LoRA as a PEFT adapter folder")
+    parser.add_argument("--debug", action="store_true", help="a traceback instead of one line")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         return _run(args)
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def _run(args) -> int:
-    from dyprag.trained_run import TrainedRun, latest_run
+def utf8(text: str, what: str) -> str:
+    """``text`` when it is valid UTF-8 (a non-UTF-8 argument reaches Python as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+        raise ValueError(f"{what} is not valid UTF-8: {raw!r} (re-encode it as UTF-8)") from None
+    return text
 
-    questions = [q.strip() for q in args.question]
+
+def _run(args) -> int:
+    from transformers.utils import logging as hf_logging
+
+    from dyprag.rundir import latest_run
+    from dyprag.trained_run import TrainedRun
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: stderr is for errors here
+
+    questions = [utf8(q, "--question").strip() for q in args.question]
     if any(not q for q in questions):
         raise ValueError("--question is empty")
     if args.questions_file:

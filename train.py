@@ -15,9 +15,16 @@ Stages, each cached under checkpoints/<run.name>/ and skipped when its inputs ar
   7. eval        the test questions in every mode of eval.modes → table, eval.json, W&B
 
 Interrupted? Run the same command again: finished stages are reused, the augmentation and the
-bank continue where they stopped and the fit resumes from checkpoints/<run>/lightning/last.ckpt.
-Outputs: config.yaml (the resolved config), translator/ (safetensors + meta.json), bank/,
-logs/metrics.csv, logs/samples.csv, wandb/ (offline unless W&B is configured), eval.json.
+bank continue where they stopped and the fit resumes from checkpoints/<run>/lightning/last.ckpt
+(exactly: the same weights as a run that was never stopped).
+A rerun of a finished run works in checkpoints/.<run>.attempt/ and replaces the run only when it
+finishes, so a failed rerun leaves the finished run as it was. A stored file that is unreadable
+(a truncated shard or checkpoint) is named in the error with the stage that owns it: rerun with
+--rebuild STAGE to make that stage again.
+Outputs: config.yaml (the resolved config) and eval.json (written last), translator/
+(safetensors + meta.json), bank/, logs/version_N/metrics.csv and samples.csv (one version per
+attempt), wandb/ (offline unless W&B is configured). Errors print one line on stderr and exit
+with code 2 (--debug for the traceback).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import sys
 import warnings
 
 from dyprag.config import DEFAULTS, dump, load_config
+from dyprag.rundir import STAGES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,6 +51,11 @@ def main(argv: list[str] | None = None) -> None:
                              "eval.modes=[vanilla,dyprag@1])")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
+    parser.add_argument("--rebuild", action="append", default=[], choices=STAGES,
+                        metavar="STAGE", help="discard this stage's stored output and make it "
+                        f"again (repeatable): {', '.join(STAGES)}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of an error instead of one line")
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
@@ -65,9 +78,15 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
-    from dyprag.pipeline import run, table
+    from dyprag.pipeline import StageError, run, table
 
-    results = run(config)
+    try:
+        results = run(config, tuple(args.rebuild))
+    except StageError as err:
+        if args.debug:
+            raise err.error from None
+        print(f"error ({err.stage} stage): {err}", file=sys.stderr)
+        sys.exit(2)
     if results is not None:
         print(table(results))
 

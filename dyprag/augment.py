@@ -38,7 +38,7 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from dyprag.corpus import Passage, iter_corpus
-from dyprag.files import read_json
+from dyprag.files import read_json, unshare
 from dyprag.world import load_entities
 
 
@@ -345,7 +345,6 @@ def augment_corpus(passages: Iterable[Passage], augmenter: Augmenter, out: str |
     """Augment every passage not yet in ``out`` (jsonl), appending one flushed batch at a time."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _complete_prefix(out)
     done = {r.doc_id for r in read_augmented(out)} if out.is_file() else set()
     stats = AugmentStats()
     todo = []
@@ -354,6 +353,12 @@ def augment_corpus(passages: Iterable[Passage], augmenter: Augmenter, out: str |
             stats.cached += 1
         else:
             todo.append(p)
+    if not todo:
+        if not out.exists():
+            out.touch()
+        return stats
+    unshare(out)  # appended to in place: not through a link to a finished run's copy
+    _complete_prefix(out)
     with open(out, "a") as f, tqdm(total=len(todo), desc="augment", unit="doc",
                                    disable=not progress) as bar:
         for i in range(0, len(todo), batch_size):

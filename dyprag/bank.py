@@ -39,11 +39,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from dyprag.augment import AugmentedDoc
-from dyprag.files import atomic_write_json, read_json, read_meta
+from dyprag.files import atomic_write_json, open_safetensors, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
 from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
@@ -272,7 +271,7 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
     if rank == 0:
         index, losses = {}, []
         for s in range(len(shards)):
-            with safe_open(_shard_path(out, s), "pt") as f:
+            with open_safetensors(_shard_path(out, s)) as f:
                 shard_meta = f.metadata()
             ids = json.loads(shard_meta["doc_ids"])
             losses += json.loads(shard_meta["loss"])
@@ -377,7 +376,7 @@ class LoRABank:
 
     def _file(self, shard: int):
         if shard not in self._files:
-            self._files[shard] = safe_open(_shard_path(self.path, shard), "pt")
+            self._files[shard] = open_safetensors(_shard_path(self.path, shard))
         return self._files[shard]
 
     def get(self, doc_ids: Sequence[str]) -> LoRA:

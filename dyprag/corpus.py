@@ -23,6 +23,7 @@ import csv
 import gzip
 import hashlib
 import os
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +118,14 @@ def iter_corpus(path: str | os.PathLike) -> Iterator[Passage]:
     path = _check_file(path)
     reader = _iter_jsonl if corpus_format(path) == "jsonl" else _iter_tsv
     n = 0
-    for passage in reader(path):
-        n += 1
-        yield passage
+    try:
+        for passage in reader(path):
+            n += 1
+            yield passage
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:  # these name no file
+        raise ValueError(f"{path}: truncated or not gzip after passage {n} ({err})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text after passage {n} ({err})") from None
     if n == 0:
         raise ValueError(f"no passages in {path}")
 

@@ -104,6 +104,9 @@ class ValidationQuestions:
     fmt: PromptFormat = PLAIN  # how answers are read from generations
 
 
+EXPLODED = 1000.0  # generated ΔW RMS / bank ΔW RMS beyond which a fit has diverged
+
+
 class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` drawn from ``seed + epoch`` alone, so an epoch sees the
     same order whether the fit ran straight through or resumed from a checkpoint (a
@@ -207,14 +210,28 @@ class TranslatorDistillation(pl.LightningModule):
 
     def training_step(self, batch: dict, _: int) -> Tensor:
         losses = self.losses(batch)
-        if not torch.isfinite(losses["loss"]):
-            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            raise FloatingPointError(f"non-finite training loss (terms {bad}) at step "
-                                     f"{self.global_step}")
+        self.check_divergence(losses)
         n = batch["input_ids"].shape[0]
         self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]
+
+    def check_divergence(self, losses: dict[str, Tensor]) -> None:
+        """Stop the fit (``FloatingPointError``, one line naming the step and the likely cause)
+        when the loss is not finite, or the generated ΔW has blown up: its RMS entry over
+        ``EXPLODED`` times the bank's (a fit that diverged short of NaN: the loss then sits flat
+        above its untrained value while the weights grow without bound)."""
+        hint = f"the learning rate (train.lr={self.lr:g}) is likely too high"
+        if not torch.isfinite(losses["loss"]):
+            bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+            raise FloatingPointError(f"the translator's fit diverged at step {self.global_step}: "
+                                     f"non-finite training loss (terms {bad}); {hint}")
+        student, teacher = float(losses["lora_rms_student"]), float(losses["lora_rms_teacher"])
+        if teacher > 0 and not student <= EXPLODED * teacher:
+            raise FloatingPointError(
+                f"the translator's fit diverged at step {self.global_step}: the generated ΔW's "
+                f"RMS entry is {student:.3g}, {student / teacher:.3g}× the bank's ({teacher:.3g}); "
+                f"{hint}")
 
     def validation_step(self, batch: dict, _: int) -> None:
         losses = self.losses(batch)
@@ -240,7 +257,12 @@ class TranslatorDistillation(pl.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.norm() for p in self.translator.parameters() if p.grad is not None]
         if norms:
-            self.log("train/grad_norm", torch.stack(norms).norm())
+            norm = torch.stack(norms).norm()
+            if not torch.isfinite(norm):
+                raise FloatingPointError(
+                    f"the translator's fit diverged at step {self.global_step}: non-finite "
+                    f"gradient norm; the learning rate (train.lr={self.lr:g}) is likely too high")
+            self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):
         return adamw_warmup_cosine(self.translator.parameters(), self.lr, self.wd,

@@ -34,6 +34,7 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Passages handed to sentence-transformers per call: it sorts each call's texts by length
 # before batching, so a call much larger than one batch wastes less compute on padding.
 _CHUNK_BATCHES = 16
+CHARS_PER_TOKEN = 32  # a bound on the characters one token covers, to cut long passages
 
 
 def default_model_path() -> str:
@@ -92,7 +93,12 @@ class Embedder:
             raise TypeError("encode takes a list of strings, not one string")
         if len(texts) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        emb = self.model.encode(list(texts), batch_size=self.batch_size, convert_to_numpy=True,
+        # The model reads the first max_seq_length tokens only; cutting the text first (at
+        # CHARS_PER_TOKEN characters a token, far beyond any real token) keeps the vectors and
+        # spares tokenizing the rest: a 50 MB passage took 7.3 GB to tokenize whole.
+        limit = CHARS_PER_TOKEN * (self.model.max_seq_length or 512)
+        texts = [t[:limit] for t in texts]
+        emb = self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False)
         # fp16 on CUDA comes back as float16; renormalise after the cast so rows are unit in float32.
         emb = np.asarray(emb, dtype=np.float32)  # (N, dim)

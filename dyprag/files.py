@@ -1,8 +1,10 @@
-"""Small file helpers shared by every stage: atomic writes and JSON reads with clear errors.
+"""Small file helpers shared by every stage: atomic writes, and reads with clear errors.
 
 Every output is written to a temporary name beside its destination and renamed into place,
-so an interrupted run never leaves a half-written file under the final name. Nothing here
-imports torch.
+so an interrupted run never leaves a half-written file under the final name, and a file
+hard-linked into a rerun's staging directory (``rundir``) is replaced, never written through.
+A stored file that cannot be read raises ``Unreadable`` naming it. Nothing here imports torch
+at import time.
 """
 
 from __future__ import annotations
@@ -10,9 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+class Unreadable(ValueError):
+    """A stored file that exists but cannot be read (truncated, corrupt); ``path`` names it."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path} is unreadable ({reason})")
+        self.path = Path(path)
 
 
 def fingerprint(data: Any) -> str:
@@ -59,8 +70,8 @@ def read_json(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path} does not exist")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise Unreadable(path, f"not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
     return data
@@ -101,3 +112,38 @@ def iter_json_lines(lines: Iterable[str], where: str | os.PathLike,
         if not isinstance(obj, dict):
             raise error(f"{where}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file; ``Unreadable`` when it is truncated or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise Unreadable(path, str(err).splitlines()[0]) from None
+
+
+def open_safetensors(path: str | os.PathLike):
+    """``safe_open(path)`` (lazy reads of single tensors); ``Unreadable`` when corrupt."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    try:
+        return safe_open(str(path), "pt")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise Unreadable(path, str(err).splitlines()[0]) from None
+
+
+def unshare(path: str | os.PathLike) -> None:
+    """Before writing into ``path`` in place (appending), give it an inode of its own when it
+    is hard-linked (a rerun's staging copy shares its files with the finished run)."""
+    path = Path(path)
+    if path.is_file() and path.stat().st_nlink > 1:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, path)

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from dyprag.files import atomic_write_json, read_meta
+from dyprag.files import atomic_write_json, read_meta, read_safetensors
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import MODULES
@@ -73,9 +73,7 @@ def load_lora(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     src = Path(path)
     meta = read_meta(src, FORMAT, "LoRA", base_model)
-    if not (src / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{src / WEIGHTS} does not exist")
-    tensors = load_file(str(src / WEIGHTS), device=str(device))
+    tensors = read_safetensors(src / WEIGHTS, str(device))
     A, B = {}, {}
     for name, tensor in tensors.items():
         kind, layer, module = name.split(".")

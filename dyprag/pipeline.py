@@ -27,11 +27,12 @@ from dyprag.bank import LoRABank, build_bank
 from dyprag.config import bank_config, dump, parse_mode
 from dyprag.corpus import read_passages
 from dyprag.evaluate import EmbeddingTable, Knowledge, evaluate
-from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
+from dyprag.files import Unreadable, atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.models import load_model
 from dyprag.prompts import prompt_format
 from dyprag.qa import QAExample, load_qa
 from dyprag.retrieval import Retriever, build_retriever
+from dyprag.rundir import begin, owning_stage, publish, run_dir
 from dyprag.training import fit_translator, is_rank_zero, log_results
 
 
@@ -41,10 +42,6 @@ class Data:
     train: list[QAExample]
     test: list[QAExample]
     world: Path | None = None
-
-
-def run_dir(config: dict) -> Path:
-    return Path(config["run"]["root"]) / config["run"]["name"]
 
 
 def log(message: str) -> None:
@@ -218,29 +215,60 @@ def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, mo
 
 # ---- the whole run ----------------------------------------------------------------------------
 class StageClock:
-    """Wall seconds per stage (a stage entered twice adds up), for eval.json's ``stage_seconds``."""
+    """Wall seconds per stage (a stage entered twice adds up), for eval.json's ``stage_seconds``;
+    ``failed``: the stage an error left (an error's message names it)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
+        self.failed: str | None = None
 
     @contextlib.contextmanager
     def __call__(self, stage: str):
         start = time.perf_counter()
         try:
             yield
+        except BaseException:
+            self.failed = self.failed or stage
+            raise
         finally:
             self.seconds[stage] = round(self.seconds.get(stage, 0.0)
                                         + time.perf_counter() - start, 1)
 
 
-def run(config: dict) -> dict | None:
-    """Every stage; returns the eval results on rank 0 (None on other ranks)."""
+class StageError(Exception):
+    """A stage failed on its input (bad data, an unreadable file, a diverged fit): the message
+    names the culprit, and for an unreadable stored file the stage that rebuilds it."""
+
+    def __init__(self, stage: str, error: BaseException, rebuild: str | None = None):
+        fix = f"; rerun with --rebuild {rebuild} to make it again" if rebuild else ""
+        super().__init__(f"{error}{fix}")
+        self.stage, self.error = stage, error
+
+
+USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError)  # what a bad input raises
+
+
+def run(config: dict, rebuild: tuple[str, ...] = ()) -> dict | None:
+    """Every stage; returns the eval results on rank 0 (None on other ranks). ``rebuild``:
+    stages whose stored outputs are discarded first (``rundir.STAGES``). A stage's error on
+    its input is raised as a ``StageError``."""
+    clock = StageClock()
+    try:
+        return _run(config, rebuild, clock)
+    except USER_ERRORS as err:
+        rebuild = (owning_stage(err.path, run_dir(config)) if isinstance(err, Unreadable)
+                   else None)
+        raise StageError(clock.failed or "run", err, rebuild) from err
+
+
+def _run(config: dict, rebuild: tuple[str, ...], clock: StageClock) -> dict | None:
     torch.manual_seed(config["run"]["seed"])
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    if is_rank_zero():
-        atomic_write_text(out / "config.yaml", dump(config))
-    started, clock = time.perf_counter(), StageClock()
+    final = run_dir(config)
+    out = begin(final, rebuild, main_process=is_rank_zero())
+    if out != final:
+        log(f"{final} is a finished run: this attempt works in {out} and replaces it only "
+            "when it finishes")
+    started = time.perf_counter()
     with clock("data"):
         data = stage_data(config, out)
     log(f"data: {len(data.train)} training and {len(data.test)} test questions")
@@ -253,8 +281,8 @@ def run(config: dict) -> dict | None:
     with clock("index"):
         retriever = stage_index(config, data, out)
 
-    doc_ids = training_documents(config, data, retriever)
     with clock("augment"):
+        doc_ids = training_documents(config, data, retriever)
         docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
     log(f"augmented {len(docs)} training documents")
     fmt = prompt_format(tokenizer, config["prompt"]["format"])
@@ -262,10 +290,10 @@ def run(config: dict) -> dict | None:
     with clock("bank"):
         bank_dir = build_bank(model, tokenizer, docs, out / "bank", bank_config(config),
                               base_model=model_id, fmt=fmt)
-    bank = LoRABank(bank_dir, base_model=model_id)
+        bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
-    test, hits = test_retrieval(config, data, retriever)
     with clock("embeddings"):
+        test, hits = test_retrieval(config, data, retriever)
         embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
                                          doc_ids + [d for h in hits for d in h], out)
         extra = []
@@ -291,8 +319,11 @@ def run(config: dict) -> dict | None:
     results["prompt_format"], results["augment"] = fmt.kind, augment_method(config)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
     results["translator_fit_f1"] = read_json(out / "translator" / "meta.json").get("dyprag_f1", {})
+    log_results(fitted.loggers, results)
+    # The run is finished: its description last, then the attempt replaces the old run.
+    atomic_write_text(out / "config.yaml", dump(config))
     atomic_write_json(out / "eval.json", results)
-    log_results(fitted.loggers, results, out)
+    publish(out, final)
     return results
 
 

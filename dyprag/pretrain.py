@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -222,12 +224,17 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) 
     trainer.fit(system, loader)
     seconds = time.perf_counter() - start
 
-    out.mkdir(parents=True, exist_ok=True)
-    model.eval().save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    atomic_write_json(meta_path, {"fingerprint": key, "config": config, "world": world_key,
-                                  "examples": len(examples), "steps": steps,
-                                  "seconds": round(seconds, 1)})
+    # Written beside ``out`` and renamed over it: a killed save leaves no half-written model,
+    # and files of the model this one replaces are unlinked, never written through.
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / meta_path.name, {
+        "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
+        "steps": steps, "seconds": round(seconds, 1)})
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return out
 
 

@@ -148,6 +148,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         chunk = list(prompts[start:start + batch_size])
         batch = tokenizer(chunk, return_tensors="pt", padding=True, padding_side="left",
                           add_special_tokens=False).to(device)
+        _check_context(model, batch["attention_mask"].sum(1), max_new_tokens, start)
         active = lora if lora is None or lora.batch_size is None else lora[start:start + batch_size]
         with injection.use(active) if injection else contextlib.nullcontext():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
@@ -156,3 +157,14 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
         new = out[:, batch["input_ids"].shape[1]:]  # (B, new tokens)
         answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     return [fmt.extract(a) for a in answers]
+
+
+def _check_context(model, lengths, max_new_tokens: int, offset: int = 0) -> None:
+    """Refuse prompts that with their answer would not fit the model's context (past it,
+    positions are out of range and answers are garbage, with only a warning)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = int(lengths.argmax())
+    if context and int(lengths[longest]) + max_new_tokens > context:
+        raise ValueError(f"prompt {offset + longest + 1} is {int(lengths[longest])} tokens; with "
+                         f"{max_new_tokens} new tokens it exceeds the model's context of {context} "
+                         "tokens (put fewer passages in the prompt: a smaller k)")

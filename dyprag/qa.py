@@ -153,11 +153,12 @@ def _records(path: Path, limit: int | None) -> list[dict[str, Any]]:
 def _collect(examples: Iterable[QAExample], path: Path, limit: int | None) -> list[QAExample]:
     """Stop at ``limit``; refuse duplicate ids (results are keyed by id) and empty files."""
     out: list[QAExample] = []
-    seen: set[str] = set()
-    for example in examples:
+    seen: dict[str, int] = {}  # id → its question's number in the file
+    for number, example in enumerate(examples, 1):
         if example.id in seen:
-            raise QAFormatError(f"{path}: duplicate id {example.id!r}")
-        seen.add(example.id)
+            raise QAFormatError(f"{path}: id {example.id!r} is used by question {seen[example.id]} "
+                                f"and again by question {number}; ids must be unique")
+        seen[example.id] = number
         out.append(example)
         if limit is not None and len(out) >= limit:
             break

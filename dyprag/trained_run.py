@@ -20,6 +20,7 @@ from dyprag.bank import BankSet, LoRABank
 from dyprag.config import load_config, parse_mode
 from dyprag.corpus import read_passages
 from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
+from dyprag.files import Unreadable
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import load_model
@@ -27,19 +28,12 @@ from dyprag.pipeline import (model_device, model_dtype, retriever_embeddings, st
                              translator_encoder, world_model_id)
 from dyprag.prompts import prompt_format
 from dyprag.retrieval import Retriever, load_retriever
+from dyprag.rundir import owning_stage
 from dyprag.translator import load_translator
 
 
 class RunError(ValueError):
     """A run directory that cannot answer (missing or incomplete, or mismatched parts)."""
-
-
-def latest_run(root: str | Path = "checkpoints") -> Path:
-    """The run under ``root`` whose translator was saved last."""
-    runs = sorted(Path(root).glob("*/translator/meta.json"), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise RunError(f"no trained run under {root}/ (run `python train.py` first, or pass --run)")
-    return runs[-1].parent.parent
 
 
 class TrainedRun:
@@ -53,7 +47,17 @@ class TrainedRun:
     @classmethod
     def open(cls, path: str | Path, device: str | None = None) -> TrainedRun:
         path = Path(path)
-        for need in ("config.yaml", "translator/meta.json", "index/meta.json"):
+        try:
+            return cls._open(path, device)
+        except Unreadable as err:
+            stage = owning_stage(err.path, path)
+            raise RunError(f"{err}; make it again with `python train.py --config "
+                           f"{path / 'config.yaml'} --rebuild {stage}`" if stage else str(err)
+                           ) from None
+
+    @classmethod
+    def _open(cls, path: Path, device: str | None) -> TrainedRun:
+        for need in ("eval.json", "config.yaml", "translator/meta.json", "index/meta.json"):
             if not (path / need).is_file():
                 raise RunError(f"{path} is not a finished run: {need} is missing "
                                "(train it with `python train.py`, or resume it)")

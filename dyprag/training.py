@@ -4,8 +4,9 @@
 
 - data: the bank's documents split into training and held-out ones (``data.val_fraction``,
   seeded); each row is (document embedding, bank LoRA, one augmented training example);
-- logs: CSV (``<run>/logs/metrics.csv``) and W&B (``<run>/wandb/``, offline unless the user
-  configured W&B or set ``wandb.mode=online``);
+- logs: CSV (``<run>/logs/version_N/metrics.csv``, a new ``N`` for every attempt: a rerun or a
+  resume adds one, nothing is deleted) and W&B (``<run>/wandb/``, one run per attempt, offline
+  unless the user configured W&B or set ``wandb.mode=online``);
 - checkpoints: Lightning's ``<run>/lightning/last.ckpt`` (translator and optimizer only) for
   resuming, then the translator as safetensors + ``meta.json`` in ``<run>/translator/``;
 - caching: a finished translator whose fingerprint matches is loaded, not retrained.
@@ -40,7 +41,7 @@ from dyprag.distill import (
     ValidationQuestions,
 )
 from dyprag.evaluate import EmbeddingTable
-from dyprag.files import atomic_write_json, atomic_write_text, fingerprint, read_json
+from dyprag.files import Unreadable, atomic_write_json, atomic_write_text, fingerprint, read_json
 from dyprag.inject import inject_lora
 from dyprag.metrics import score
 from dyprag.prompts import PLAIN, PromptFormat, generate_answers, prompt_format
@@ -119,15 +120,21 @@ def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], lim
 
 
 def wandb_mode(config: dict) -> str:
-    """``wandb.mode``, else WANDB_MODE, else online only when the user has an API key."""
-    return config["wandb"]["mode"] or os.environ.get("WANDB_MODE") or (
+    """``wandb.mode``, else WANDB_MODE, else online only when the user has an API key; also
+    made the process's W&B mode (WANDB_MODE): W&B's telemetry follows the process's settings,
+    not the run's, and otherwise probes W&B's servers from an offline run."""
+    mode = config["wandb"]["mode"] or os.environ.get("WANDB_MODE") or (
         "online" if os.environ.get("WANDB_API_KEY") else "offline")
+    os.environ["WANDB_MODE"] = mode
+    return mode
 
 
 def make_loggers(config: dict, out: Path) -> list[Logger]:
-    """CSV always; W&B unless ``wandb.mode`` is 'disabled'. Offline unless asked for online
-    or the user configured W&B (WANDB_MODE / WANDB_API_KEY), so nothing probes the network."""
-    loggers: list[Logger] = [CSVLogger(out, name="logs", version="")]
+    """CSV always (a new ``logs/version_N/`` per attempt: Lightning's CSV logger deletes the
+    metrics file of the directory it is given); W&B unless ``wandb.mode`` is 'disabled'.
+    Offline unless asked for online or the user configured W&B (WANDB_MODE / WANDB_API_KEY),
+    so nothing probes the network."""
+    loggers: list[Logger] = [CSVLogger(out, name="logs")]
     w, mode = config["wandb"], wandb_mode(config)
     if mode != "disabled":
         loggers.append(WandbLogger(project=w["project"], name=w["name"] or config["run"]["name"],
@@ -212,9 +219,21 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
 
 
 def _resume_point(ckpt_dir: Path, key: str) -> str | None:
-    """``last.ckpt`` of an interrupted fit with the same fingerprint; another run's is removed."""
+    """``last.ckpt`` of an interrupted fit with the same fingerprint; another run's, or an
+    unreadable one (a truncated file), is removed and the fit starts over."""
     marker, last = ckpt_dir / "fingerprint.json", ckpt_dir / "last.ckpt"
-    if last.is_file() and marker.is_file() and read_json(marker).get("fingerprint") == key:
+    try:
+        same = (last.is_file() and marker.is_file()
+                and read_json(marker).get("fingerprint") == key)
+        if same:
+            torch.load(last, map_location="cpu", weights_only=False)  # a truncated file fails here
+    except Unreadable:
+        same = False
+    except Exception as err:  # torch.load's errors on a damaged file vary by damage
+        print(f"[dyprag] {last} is unreadable ({type(err).__name__}: "
+              f"{str(err).splitlines()[0] if str(err) else ''}); the fit starts over", flush=True)
+        same = False
+    if same:
         return str(last)
     if ckpt_dir.exists() and is_rank_zero():
         shutil.rmtree(ckpt_dir)
@@ -227,8 +246,9 @@ def _precision(precision: str) -> str:
     return precision
 
 
-def log_results(loggers: list[Logger], results: dict, out: Path) -> None:
-    """Eval F1/EM by mode into every logger; the sample answers as a W&B table and a CSV."""
+def log_results(loggers: list[Logger], results: dict) -> None:
+    """Eval F1/EM by mode into every logger; the sample answers as a W&B table and as
+    ``samples.csv`` beside the CSV logger's ``metrics.csv``."""
     metrics = {f"eval/{m}/{mode}": v for m in ("f1", "em") for mode, v in results[m].items()}
     metrics.update({f"eval/translator_fit_f1/{k}": v
                     for k, v in results.get("translator_fit_f1", {}).items() if v is not None})
@@ -244,9 +264,10 @@ def log_results(loggers: list[Logger], results: dict, out: Path) -> None:
         logger.finalize("success")
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()  # flushes the run file; a later run starts a new one
-    if samples:
+    csv_dirs = [Path(logger.log_dir) for logger in loggers if isinstance(logger, CSVLogger)]
+    if samples and csv_dirs:
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, columns)
         writer.writeheader()
         writer.writerows(samples)
-        atomic_write_text(out / "logs" / "samples.csv", text.getvalue())
+        atomic_write_text(csv_dirs[0] / "samples.csv", text.getvalue())

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from dyprag.files import atomic_write_json, read_meta
+from dyprag.files import atomic_write_json, read_meta, read_safetensors
 from dyprag.lora import Key, LoRA
 from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
@@ -187,5 +186,5 @@ def load_translator(path: str | Path, base_model: str | None = None,
                          f"{diff[1]} is (in, out) {saved.get(diff)}; this model has "
                          f"{shapes.get(diff)}")
     translator = ParameterTranslator(saved, **config)
-    translator.load_state_dict(load_file(str(src / "translator.safetensors"), device=str(device)))
+    translator.load_state_dict(read_safetensors(src / "translator.safetensors", str(device)))
     return translator.to(device), meta

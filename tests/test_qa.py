@@ -223,7 +223,7 @@ def test_empty_or_wrong_container(tmp_path, name, content, message):
     ("cwq", [{**CWQ[1], "answers": ["Jane"]}], "answers must be objects"),
     ("jsonl", [{"id": "x", "question": "Q?", "answers": [1963]}], r"qa\.jsonl:1 \(id 'x'\): answers must be"),
     ("jsonl", [{"id": "x", "answers": ["A"]}], r"qa\.jsonl:1 \(id 'x'\) has no question"),
-    ("jsonl", [{"id": "x", "question": "Q", "answers": ["A"]}] * 2, "duplicate id 'x'"),
+    ("jsonl", [{"id": "x", "question": "Q", "answers": ["A"]}] * 2, "id 'x' is used by question 1 and again by question 2"),
     ("hotpotqa", [{**HOTPOT[0], "_id": None}], "example 0 has no _id"),
 ])
 def test_bad_examples_name_file_and_example(tmp_path, fmt, rows, message):
