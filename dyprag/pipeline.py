@@ -5,7 +5,9 @@
 Every stage skips itself when its output exists for the same inputs (a fingerprint in the
 output's meta file) and resumes when interrupted: the world, the base model, the index, the
 augmentation (line by line), the bank (shard by shard) and the translator (Lightning's
-``last.ckpt``). Re-running the same command after a crash continues where it stopped.
+``last.ckpt``). Re-running the same command after a crash continues where it stopped. A
+rerun of a finished run works in a staging copy that replaces the run only when it finishes
+(``dyprag.rundir``); ``config.yaml`` and ``eval.json`` are written last.
 
 Under a multi-process strategy (``ddp``), Lightning re-runs the script in every extra
 process when ``fit`` starts; by then every earlier stage is cached, so those processes only
