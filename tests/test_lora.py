@@ -116,7 +116,7 @@ def test_load_refuses_other_base_model_and_bad_files(tmp_path):
     with pytest.raises(ValueError, match="made for base model 'org/model-a', not 'org/model-b'"):
         load_lora(tmp_path / "x", base_model="org/model-b")
     (tmp_path / "x" / "meta.json").write_text("{not json")
-    with pytest.raises(ValueError, match="meta.json is not valid JSON"):
+    with pytest.raises(ValueError, match=r"meta\.json is unreadable \(not valid JSON"):
         load_lora(tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="missing/meta.json does not exist"):
         load_lora(tmp_path / "missing")

@@ -144,7 +144,7 @@ def test_a_killed_fit_resumes_to_the_weights_of_an_uninterrupted_one(tiny_run, t
         shutil.copytree(out, root / out.name, symlinks=True)
         for attempt in attempts:
             proc = subprocess.run([sys.executable, str(script), attempt, str(config),
-                                   f"run.root={root}", "train.lr=2e-3", "train.epochs=3",
+                                   f"run.root={root}", "train.lr=2e-3", "train.epochs=2",
                                    "eval.modes=[vanilla]", "wandb.mode=disabled"],
                                   capture_output=True, text=True, cwd=ROOT, env=env, check=False)
             if attempt == "kill":
