@@ -2,7 +2,7 @@
 
     python -m dyprag.augment --world checkpoints/world --out checkpoints/world/augmented.jsonl
 
-Each training document becomes one jsonl record (DESIGN.md §5)::
+Each training document becomes one jsonl record (docs/design.md §5)::
 
     {"doc_id", "text", "rewrites": [str], "qa": [{"question", "answer"}], "error": str?}
 

@@ -13,7 +13,7 @@ alone with the same recipe, because
   their number of examples), and AdamW's state is elementwise, so no LoRA's update depends
   on another row.
 
-On disk (DESIGN.md §5)::
+On disk (docs/design.md §5)::
 
     out/shard-00000.safetensors   A.<layer>.<module> (n, r, in), B.<layer>.<module> (n, out, r)
     out/index.json                {doc_id: [shard, row]}
@@ -53,7 +53,7 @@ FORMAT = "dyprag-bank"
 
 @dataclass(frozen=True)
 class BankConfig:
-    """How each document's LoRA is trained. Defaults are PRAG's (DESIGN.md §4)."""
+    """How each document's LoRA is trained. Defaults are PRAG's (docs/design.md §4)."""
 
     rank: int = 2
     alpha: float = 32.0

@@ -1,6 +1,6 @@
 """Read retrieval corpora as a stream of passages, and fingerprint them.
 
-Two on-disk formats (DESIGN.md §5), chosen by file name; either may be gzipped (``.gz``):
+Two on-disk formats (docs/design.md §5), chosen by file name; either may be gzipped (``.gz``):
 
 - jsonl: one ``{"id": str, "title": str, "text": str}`` object per line. ``title`` may be
   missing (empty title); a missing ``id`` becomes the 1-based line number, which is stable

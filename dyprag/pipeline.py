@@ -1,4 +1,4 @@
-"""The stages of ``python train.py`` (DESIGN.md §1), each cached under ``checkpoints/<run>/``.
+"""The stages of ``python train.py`` (docs/design.md §1), each cached under ``checkpoints/<run>/``.
 
     world/data → base → index → augment → bank → embeddings → translator → eval
 

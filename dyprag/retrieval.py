@@ -1,6 +1,6 @@
 """Retrieve passages for questions: an embedder + a dense index, BM25, or both fused.
 
-``build_retriever`` is stage 3 of the pipeline (DESIGN.md §1): embed the corpus, build the
+``build_retriever`` is stage 3 of the pipeline (docs/design.md §1): embed the corpus, build the
 index, keep the doc embeddings (the translator's input). It caches under ``out_dir`` and skips
 each piece whose recorded inputs still match::
 

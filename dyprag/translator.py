@@ -2,7 +2,7 @@
 
     emb (N, D) ──► per (layer, module): A (N, r, in), B (N, out, r) ──► LoRA (scaling α/r)
 
-Architectures (DESIGN.md §3):
+Architectures (docs/design.md §3):
 
 - ``per_layer`` (DyPRAG's): one 2-layer MLP ``D → hidden → r·(in + out)`` per (layer,
   module), hidden width 32 by default. Its parameter count grows with layers × modules.
