@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -124,3 +126,9 @@ def test_non_finite_numbers_are_refused_by_name(override):
 def test_a_directory_given_as_config_is_named_as_one(tmp_path):
     with pytest.raises(ValueError, match="is a directory; give a YAML file"):
         load_config(tmp_path)
+
+
+def test_the_config_imports_without_torch():
+    """Reading and validating a config (train.py --help, --print-config) imports no torch."""
+    code = "import sys, dyprag.config; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
