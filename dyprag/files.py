@@ -9,6 +9,7 @@ at import time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -114,29 +115,49 @@ def iter_json_lines(lines: Iterable[str], where: str | os.PathLike,
         yield lineno, obj
 
 
-def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
-    """Every tensor of a safetensors file; ``Unreadable`` when it is truncated or corrupt."""
+def _safetensors(path: str | os.PathLike, read):
+    """``read(str(path))`` of a safetensors file; ``Unreadable`` when it is truncated or
+    corrupt, FileNotFoundError when it is missing."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        return load_file(str(path), device=device)
+        return read(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise Unreadable(path, str(err).splitlines()[0]) from None
+
+
+def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> dict:
+    """Every tensor of a safetensors file."""
+    from safetensors.torch import load_file
+
+    return _safetensors(path, lambda p: load_file(p, device=device))
 
 
 def open_safetensors(path: str | os.PathLike):
-    """``safe_open(path)`` (lazy reads of single tensors); ``Unreadable`` when corrupt."""
-    from safetensors import SafetensorError, safe_open
+    """``safe_open(path)``, for lazy reads of single tensors."""
+    from safetensors import safe_open
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+    return _safetensors(path, lambda p: safe_open(p, "pt"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary directory path beside ``path`` (not created: a writer such as
+    ``save_pretrained`` or ``copytree`` makes it), which replaces ``path`` when the block ends
+    without error and is removed when it raises. The replaced directory's files are unlinked,
+    never written through (they may be hard links of a finished run's)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        return safe_open(str(path), "pt")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise Unreadable(path, str(err).splitlines()[0]) from None
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
 
 
 def unshare(path: str | os.PathLike) -> None:

@@ -29,12 +29,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from dyprag.files import atomic_dir
 
 MODULES = ("gate", "up", "down")
 """Canonical names of the FFN projections, in the order they are stored everywhere."""
@@ -184,12 +185,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return out
 
 

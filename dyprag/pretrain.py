@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
 from dyprag.corpus import iter_corpus
-from dyprag.files import atomic_write_json, fingerprint, read_json
+from dyprag.files import atomic_dir, atomic_write_json, fingerprint, read_json
 from dyprag.optim import adamw_warmup_cosine
 from dyprag.prompts import Segments, collate, passage_context, qa_prompt
 from dyprag.qa import load_qa
@@ -224,17 +222,12 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) 
     trainer.fit(system, loader)
     seconds = time.perf_counter() - start
 
-    # Written beside ``out`` and renamed over it: a killed save leaves no half-written model,
-    # and files of the model this one replaces are unlinked, never written through.
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.eval().save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / meta_path.name, {
-        "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
-        "steps": steps, "seconds": round(seconds, 1)})
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:  # a killed save leaves no half-written model
+        model.eval().save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / meta_path.name, {
+            "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
+            "steps": steps, "seconds": round(seconds, 1)})
     return out
 
 

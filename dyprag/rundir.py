@@ -28,6 +28,8 @@ import os
 import shutil
 from pathlib import Path
 
+from dyprag.files import atomic_dir
+
 FINISHED = "eval.json"
 DESCRIBES_THE_RUN = ("config.yaml", "eval.json")  # written last, when a run finishes
 STAGE_PATHS: dict[str, tuple[str, ...]] = {
@@ -105,12 +107,10 @@ def begin(final: Path, rebuild: tuple[str, ...] = (), main_process: bool = True)
     else:
         out = _attempt(final)
         if not out.exists():
-            tmp = out.with_name(out.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(final, tmp, symlinks=True, copy_function=os.link,
-                            ignore=lambda d, names: [n for n in names if Path(d) == final
-                                                     and n in DESCRIBES_THE_RUN])
-            os.replace(tmp, out)
+            with atomic_dir(out) as tmp:
+                shutil.copytree(final, tmp, symlinks=True, copy_function=os.link,
+                                ignore=lambda d, names: [n for n in names if Path(d) == final
+                                                         and n in DESCRIBES_THE_RUN])
     out.mkdir(parents=True, exist_ok=True)
     for stage in rebuild:
         for name in STAGE_PATHS[stage]:
