@@ -221,17 +221,18 @@ class TranslatorDistillation(pl.LightningModule):
         when the loss is not finite, or the generated ΔW has blown up: its RMS entry over
         ``EXPLODED`` times the bank's (a fit that diverged short of NaN: the loss then sits flat
         above its untrained value while the weights grow without bound)."""
-        hint = f"the learning rate (train.lr={self.lr:g}) is likely too high"
         if not torch.isfinite(losses["loss"]):
             bad = [k for k, v in losses.items() if not torch.isfinite(v)]
-            raise FloatingPointError(f"the translator's fit diverged at step {self.global_step}: "
-                                     f"non-finite training loss (terms {bad}); {hint}")
+            raise self._diverged(f"non-finite training loss (terms {bad})")
         student, teacher = float(losses["lora_rms_student"]), float(losses["lora_rms_teacher"])
         if teacher > 0 and not student <= EXPLODED * teacher:
-            raise FloatingPointError(
-                f"the translator's fit diverged at step {self.global_step}: the generated ΔW's "
-                f"RMS entry is {student:.3g}, {student / teacher:.3g}× the bank's ({teacher:.3g}); "
-                f"{hint}")
+            raise self._diverged(f"the generated ΔW's RMS entry is {student:.3g}, "
+                                 f"{student / teacher:.3g}× the bank's ({teacher:.3g})")
+
+    def _diverged(self, what: str) -> FloatingPointError:
+        return FloatingPointError(f"the translator's fit diverged at step {self.global_step}: "
+                                  f"{what}; the learning rate (train.lr={self.lr:g}) is likely "
+                                  "too high")
 
     def validation_step(self, batch: dict, _: int) -> None:
         losses = self.losses(batch)
@@ -259,9 +260,7 @@ class TranslatorDistillation(pl.LightningModule):
         if norms:
             norm = torch.stack(norms).norm()
             if not torch.isfinite(norm):
-                raise FloatingPointError(
-                    f"the translator's fit diverged at step {self.global_step}: non-finite "
-                    f"gradient norm; the learning rate (train.lr={self.lr:g}) is likely too high")
+                raise self._diverged("non-finite gradient norm")
             self.log("train/grad_norm", norm)
 
     def configure_optimizers(self):

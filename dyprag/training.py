@@ -226,7 +226,9 @@ def _resume_point(ckpt_dir: Path, key: str) -> str | None:
         same = (last.is_file() and marker.is_file()
                 and read_json(marker).get("fingerprint") == key)
         if same:
-            torch.load(last, map_location="cpu", weights_only=False)  # a truncated file fails here
+            # A truncated file fails here; mapped, so its tensors are not read twice (the fit
+            # loads it again).
+            torch.load(last, map_location="cpu", weights_only=False, mmap=True)
     except Unreadable:
         same = False
     except Exception as err:  # torch.load's errors on a damaged file vary by damage
