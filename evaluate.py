@@ -22,22 +22,14 @@ from pathlib import Path
 
 from dyprag.config import parse_mode
 
-DEFAULT_MODES = ["vanilla", "rag@1", "rag@3", "dyprag@1", "dyprag@3", "dyprag+rag@3"]
-
-
 def datasets(args, run) -> list[tuple[str, list]]:
+    from dyprag import rundir
     from dyprag.qa import load_qa
 
-    if not args.qa:  # the run's own test questions: the first data.test_questions
-        data = run.config["data"]
-        if data["kind"] == "world":
-            path, fmt = run.path / "world" / "qa_test.jsonl", None
-        else:
-            path, fmt = Path(data["test_qa"]), data["qa_format"]
-        # --limit within the test questions: in PRAG's one-file layout the training
-        # questions follow them.
-        limits = [n for n in (args.limit, data["test_questions"]) if n is not None]
-        return [(path.stem, load_qa(path, fmt, min(limits) if limits else None))]
+    if not args.qa:  # the run's own test split (--limit within it, never a training question)
+        data = run.config.data
+        name = "qa_test" if data.kind == "world" else Path(data.test_qa).stem
+        return [(name, rundir.first(rundir.questions(run.config, run.path)[1], args.limit))]
     out = []
     for spec in args.qa:
         path, _, fmt = spec.partition(":")
@@ -51,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run", type=Path, help="run directory (default: the latest)")
     parser.add_argument("--qa", action="append", default=[], metavar="FILE[:FORMAT]",
                         help="a QA file (repeatable); default: the run's test questions")
-    parser.add_argument("--modes", nargs="+", default=DEFAULT_MODES)
+    parser.add_argument("--modes", nargs="+",
+                        help="modes to answer in, e.g. vanilla rag@3 dyprag@1 (default: the "
+                             "run's eval.modes; prag modes need the documents' bank LoRAs)")
     parser.add_argument("--limit", type=int, help="questions per dataset")
     parser.add_argument("--out", type=Path, help="report directory (default: <run>/eval)")
     parser.add_argument("--no-wandb", action="store_true")
@@ -59,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        for mode in args.modes:
+        for mode in args.modes or ():
             parse_mode(mode)
         return _run(args)
     except (ValueError, FileNotFoundError, KeyError, OSError) as err:
@@ -70,13 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from dyprag.evaluate import evaluate
+    from dyprag.answer import evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import exact_match, f1_score
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
 
     run = TrainedRun.open(args.run or latest_run())
+    args.modes = args.modes or run.config.eval.modes
     out = args.out or run.path / "eval"
     k = max(parse_mode(m)[1] for m in args.modes) or 1
     grid, predictions = {}, []
@@ -89,8 +84,7 @@ def _run(args) -> int:
             run.ensure_embeddings({d for h in hits for d in h})
         scores, answers = evaluate(run.model, run.tokenizer, args.modes, questions,
                                    [qa.answers for qa in examples], hits, run.knowledge,
-                                   run.config["eval"]["max_new_tokens"],
-                                   run.config["eval"]["batch_size"],
+                                   run.config.eval.max_new_tokens, run.config.eval.batch_size,
                                    progress=functools.partial(_progress, name), fmt=run.fmt)
         grid[name] = scores
         predictions += [{"dataset": name, "mode": m, "question": qa.question,
@@ -130,6 +124,8 @@ def plot(grid: dict, modes: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dyprag.files import atomic_path
+
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(modes), 3.6))
     width = 0.8 / len(grid)
     for i, (name, scores) in enumerate(grid.items()):
@@ -140,21 +136,20 @@ def plot(grid: dict, modes: list[str], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def log_wandb(run, grid: dict, modes: list[str]) -> None:
     import wandb
 
-    from dyprag.training import wandb_mode
+    from dyprag.loggers import wandb_mode
 
-    w, mode = run.config["wandb"], wandb_mode(run.config)
+    w, mode = run.config.wandb, wandb_mode(run.config)
     if mode == "disabled":
         return
-    with wandb.init(project=w["project"], name=f"{w['name'] or run.config['run']['name']}-eval",
+    with wandb.init(project=w["project"], name=f"{w.name or run.config.run.name}-eval",
                     dir=str(run.path), mode=mode, job_type="eval") as wb:
         columns = ["dataset", "mode", "em", "f1", "ms_per_question"]
         rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["ms_per_question"]]

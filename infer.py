@@ -111,7 +111,7 @@ def _run(args) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
     run = TrainedRun.open(args.run or latest_run())
-    k = args.k or run.config["index"]["k"]
+    k = args.k or run.config.index.k
     mode = args.mode if args.mode == "vanilla" else f"{args.mode}@{k}"
     hits = run.retrieve(questions, k)
     answers = run.answer(questions, [[d for d, _ in h] for h in hits], mode,

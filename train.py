@@ -35,7 +35,7 @@ import os
 import sys
 import warnings
 
-from dyprag.config import DEFAULTS, dump, load_config
+from dyprag.config import Config, dump, load_config
 from dyprag.rundir import STAGES
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Config fields and their defaults (override any with section.key=value):\n\n"
-               + dump(DEFAULTS))
+               + dump(Config()))
     parser.add_argument("--config", help="YAML run config (see configs/); default: the "
                                          "embedded synthetic-world job")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         print(dump(config), end="")
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if config["model"]["name"] == "world":
+    if config.model.name == "world":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: no network probes
     # Lightning's info lines (an advert, "GPU available: False"), a deprecation warning it
     # raises itself under this torch, and its note on the resume checkpoint directory are

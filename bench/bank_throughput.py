@@ -20,6 +20,7 @@ per document; equal recipes should give about equal losses). Target: speedup ≥
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -30,16 +31,18 @@ import torch
 import transformers
 
 from dyprag.augment import TemplateAugmenter
-from dyprag.bank import BankConfig, build_bank, document_examples, row_losses
+from dyprag.bank import build_bank, row_losses
+from dyprag.config import BankConfig, load_config
 from dyprag.corpus import iter_corpus
+from dyprag.examples import collate, document_examples
 from dyprag.files import read_json
 from dyprag.models import resolve_dtype
-from dyprag.pretrain import build_tokenizer
-from dyprag.prompts import collate
 from dyprag.world import generate_world, load_schema
+from dyprag.world_base import build_tokenizer
 
+PAPER = Path(__file__).resolve().parents[1] / "configs" / "base" / "paper.yaml"
 SHAPES = {  # random models; vocab comes from the world's word-level tokenizer
-    # the synthetic world's base model (dyprag.pretrain defaults): what CPU banks are built for
+    # the synthetic world's base model (dyprag.world_base defaults): what CPU banks are built for
     "world": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=8),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
@@ -112,7 +115,9 @@ def main() -> None:
                                     + [q["question"] for d in docs for q in d.qa]
                                     + ["Passage: Question: Answer:"])
         model = build(args, tokenizer)
-        config = BankConfig(docs_per_step=args.docs_per_step, shard_size=max(args.docs, 1))
+        # PRAG's recipe (configs/base/paper.yaml), many documents per step.
+        config = dataclasses.replace(load_config(PAPER, complete=False).bank,
+                                     docs_per_step=args.docs_per_step, shard_size=max(args.docs, 1))
         examples = [document_examples(d, config, tokenizer) for d in docs]
         tokens = statistics.mean(len(tokenizer(t)["input_ids"])
                                  for ex in examples for seg in ex for t, _ in seg[:1])

@@ -6,7 +6,7 @@
 Model: bench/lora_overhead.py's random Llama (hidden 512, 8 layers, intermediate 1408, vocab
 32000). A question is 16 tokens; each of its k = 3 documents ~130 tokens (~100 words); 32
 new tokens, greedy, always 32. Modes, one question at a time, knowledge injected per sample
-as ``dyprag.prompts.generate_answers`` does:
+as ``dyprag.generate.generate_answers`` does:
 
 - ``vanilla``: the question alone, no knowledge (the floor of every mode without passages);
 - ``rag``: the 3 passages in the prompt (~400 tokens);

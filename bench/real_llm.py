@@ -39,13 +39,13 @@ def main() -> None:
     clean = not root.exists()
     config = load_config(CONFIG, [f"run.root={root}", *args.overrides])
     results = run(config)
-    out = root / config["run"]["name"]
+    out = root / config.run.name
     docs = [d for name in ("augmented.jsonl", "augmented-eval.jsonl")
             if (out / name).is_file() for d in read_augmented(out / name)]
     banks = [read_json(out / name / "meta.json")["documents"] for name in ("bank", "bank-eval")
              if (out / name / "meta.json").is_file()]
     print(json.dumps({
-        "model": config["model"]["name"],
+        "model": config.model.name,
         "f1": {m: round(v, 4) for m, v in results["f1"].items()},
         "em": {m: round(v, 4) for m, v in results["em"].items()},
         "augment_ok": round(sum(bool(d.qa) for d in docs) / max(1, len(docs)), 4),

@@ -140,7 +140,7 @@ def main() -> None:
 
     import faiss
 
-    from dyprag.index import DenseIndex
+    from dyprag.dense_index import DenseIndex
 
     with tempfile.TemporaryDirectory(prefix="dyprag-bench-") as tmp:
         tmp = Path(tmp)

@@ -41,34 +41,15 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dyprag.augment import AugmentedDoc
-from dyprag.config import WORLD_BANK, BankConfig
+from dyprag.config import BankConfig
+from dyprag.examples import Segments, collate, document_examples
 from dyprag.files import atomic_write_json, open_safetensors, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
 from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
-from dyprag.prompts import PLAIN, PromptFormat, Segments, collate
+from dyprag.prompts import PLAIN, PromptFormat
 
 FORMAT = "dyprag-bank"
-
-
-def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer,
-                      fmt: PromptFormat = PLAIN) -> list[Segments]:
-    """A document's training sequences (PRAG: 2 QA × {passage, rewrite} + 1 closed-book),
-    asked in the run's prompt format."""
-    texts = [doc.text, *doc.rewrites]
-    with_passage = doc.qa[:config.qa_with_passage]
-    closed = doc.qa[len(doc.qa) - min(config.qa_closed_book, len(doc.qa)):]
-    examples: list[Segments] = []
-    if config.text:
-        examples += [[(t + (tokenizer.eos_token or ""), True)] for t in texts]
-    for qa in with_passage:
-        examples += [[(fmt.prompt(qa["question"], [t]), False),
-                      (fmt.target(qa["answer"], tokenizer), True)] for t in texts]
-    examples += [[(fmt.prompt(qa["question"]), False),
-                  (fmt.target(qa["answer"], tokenizer), True)] for qa in closed]
-    if config.loss_on == "all":
-        examples = [[(text, True) for text, _ in ex] for ex in examples]
-    return examples
 
 
 def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -401,7 +382,8 @@ def main() -> None:
     from dyprag.models import load_model
 
     parser = argparse.ArgumentParser(
-        description="Train the LoRA bank of the synthetic world (recipe: WORLD_BANK); "
+        description="Train the LoRA bank of the synthetic world (recipe: the default job's, "
+                    "dyprag.config.BankConfig); "
                     "augments the documents first when needed. Resumes an interrupted run.")
     parser.add_argument("--world", default="checkpoints/world", help="world directory")
     parser.add_argument("--base", default="checkpoints/base", help="base model directory")
@@ -412,7 +394,7 @@ def main() -> None:
                    world / "augmented.jsonl")
     model, tokenizer = load_model(args.base)
     build_bank(model, tokenizer, read_augmented(world / "augmented.jsonl"), args.out,
-               WORLD_BANK, base_model=str(args.base))
+               BankConfig(), base_model=str(args.base))
     print(json.dumps(read_json(Path(args.out) / "meta.json")))
 
 

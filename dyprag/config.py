@@ -1,164 +1,401 @@
-"""Run configuration: one YAML mechanism for every job, plus ``key=value`` overrides.
+"""Run configuration: typed sections holding every default and every choice, loaded from YAML.
 
     config = load_config("configs/qwen2.5-1.5b-popqa.yaml", ["bank.epochs=2", "run.name=x"])
+    config.train.lr, config.bank, config.eval.modes
 
-A run config is a mapping of sections (``run``, ``data``, ``model``, ``index``, ``prompt``,
-``augment``, ``bank``, ``translator``, ``train``, ``eval``, ``wandb``); ``DEFAULTS`` holds every key with
-its default (the embedded synthetic-world job, so ``python train.py`` needs no file). A file
-may start from another with ``base: other.yaml`` (resolved relative to the file). Overrides
-use dotted keys and YAML values (``train.lr=1e-4``, ``eval.modes=[vanilla,rag@3]``).
+A run config (``Config``) has the sections ``run``, ``data``, ``model`` (with ``pretrain``),
+``index``, ``prompt``, ``augment``, ``bank``, ``translator``, ``train``, ``eval`` and ``wandb``,
+each a dataclass below: its fields' defaults are the embedded synthetic-world job (so
+``python train.py`` needs no file), and a ``Literal`` field's arguments are the only place its
+choices are listed (``choices(TrainConfig, "mse_space")``). A file may start from another with
+``base: other.yaml`` (resolved relative to the file); overrides use dotted keys and YAML values
+(``train.lr=1e-4``, ``eval.modes=[vanilla,rag@3]``, ``model.pretrain.epochs=2``).
 
 Every problem (unknown key, wrong type, bad value) is collected and raised once, each naming
-its field.
+its field. Plain dataclasses rather than OmegaConf: no dependency, and OmegaConf stops at the
+first bad field where this loader names them all. Importing this module imports no torch.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 import re
+import types
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from dyprag.qa import FORMATS
+from dyprag.qa import FORMATS as QA_FORMATS
 
-PROMPT_FORMATS = ("plain", "chat")  # dyprag.prompts.FORMATS (that module imports torch)
+MODES = ("vanilla", "rag", "prag", "dyprag", "prag+rag", "dyprag+rag")
+PromptFormatName = Literal["plain", "chat"]
+PROMPT_FORMATS: tuple[str, ...] = get_args(PromptFormatName)
+
+
+class ConfigError(ValueError):
+    """Problems with a config, each ``field: what is wrong``."""
+
+    def __init__(self, problems: Sequence[str], where: str = "config"):
+        self.problems = list(problems)
+        super().__init__(f"{where}: " + "; ".join(self.problems))
+
+
+class Section:
+    """A config section: ``problems()`` lists its bad values (its fields' types are checked by
+    the loader); constructing one with a bad value raises ``ConfigError``."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems, type(self).__name__)
+
+
+def _at_least(section: Section, minimum: float, *names: str) -> list[str]:
+    return [f"{n}: must be ≥ {minimum}, got {getattr(section, n)}" for n in names
+            if getattr(section, n) < minimum]
 
 
 @dataclass(frozen=True)
-class BankConfig:
-    """How each document's LoRA is trained. Defaults are PRAG's (docs/design.md §4)."""
+class RunConfig(Section):
+    name: str = "world"
+    root: str = "checkpoints"  # the run is written to <root>/<name>/
+    seed: int = 0
 
-    rank: int = 2
-    alpha: float = 32.0
-    lr: float = 3e-4
-    weight_decay: float = 0.0
+
+@dataclass(frozen=True)
+class DataConfig(Section):
+    # "world": generate the synthetic world from ``world`` (its schema);
+    # "qa": a corpus (jsonl or DPR tsv) and QA files (any format dyprag.qa reads).
+    kind: Literal["world", "qa"] = "world"
+    world: str = "configs/world.yaml"
+    corpus: str | None = None
+    train_qa: str | None = None
+    test_qa: str | None = None
+    qa_format: Literal[QA_FORMATS] | None = None
+    train_questions: int | None = None
+    test_questions: int | None = None
+    # Translator-training documents: "gold" (each question's meta.doc_id) or "retrieved"
+    # (the top ``index.k`` passages of each training question, as PRAG does).
+    train_docs: Literal["gold", "retrieved"] = "gold"
+    val_fraction: float = 0.1
+    # The world only (ignored for "qa"): bios of this many fresh people added to the
+    # translator's training data with the LM term only (no bank LoRA): cheap data for the
+    # hypernetwork.
+    extra_docs: int = 6000
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, 0, "extra_docs")
+        if not 0 <= self.val_fraction < 1:
+            out.append(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        return out
+
+
+@dataclass(frozen=True)
+class PretrainConfig(Section):
+    """The synthetic world's base model (dyprag/world_base.py): a small Llama and its
+    pretraining on the world's pretrain people and reading practice."""
+
+    # 8 heads of 16 dims: measured to find the reading circuit sooner than 4 of 32.
+    hidden_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    intermediate_size: int = 384
+    max_position_embeddings: int = 512
     epochs: int = 1
-    docs_per_step: int = 32
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    reading_single: int = 24000  # one-passage reading examples (see pretraining_texts)
+    reading_multi: int = 16000   # 1..max_passages-passage reading examples
+    questions_per_context: int = 3
+    max_passages: int = 3
+    gold_first: float = 0.9
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        return _at_least(self, 1, "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "intermediate_size", "max_position_embeddings", "epochs",
+                         "batch_size", "max_passages")
+
+
+@dataclass(frozen=True)
+class ModelConfig(Section):
+    # "world": pretrain the tiny base model on the world; else a hub id or local path.
+    name: str = "world"
+    dtype: str = "auto"   # auto: bfloat16 on a GPU, float32 on a CPU
+    device: str = "auto"  # auto: cuda when there is one
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass(frozen=True)
+class IndexConfig(Section):
+    method: Literal["dense", "bm25", "hybrid"] = "dense"
+    embedder: str | None = None  # None: all-MiniLM-L6-v2 (dyprag.embed)
+    factory: str = "Flat"        # a FAISS index factory string
+    # Documents per question at query time (infer.py's default). A world question is about
+    # one person, whose bio alone answers it, so 1; the paper configs use 3.
+    k: int = 1
+
+    def problems(self) -> list[str]:
+        return _at_least(self, 1, "k")
+
+
+@dataclass(frozen=True)
+class PromptConfig(Section):
+    # How the model is asked: "plain" ("Question: … Answer:", the world's tiny model) or
+    # "chat" (the tokenizer's chat template, PRAG's instruction); "auto": chat when the
+    # tokenizer has a chat template. One format serves bank, translator, eval and infer.py.
+    format: Literal["auto", PromptFormatName] = "auto"
+
+
+@dataclass(frozen=True)
+class AugmentConfig(Section):
+    # "template": the world's own QA templates; "llm": the base model writes the rewrites
+    # and QA pairs; "auto": template for the world, llm for data.kind "qa".
+    method: Literal["auto", "template", "llm"] = "auto"
+    rewrites: int = 1
+    questions: int = 3
+    max_retries: int = 2
+    batch_size: int = 8
+
+    def problems(self) -> list[str]:
+        return _at_least(self, 0, "rewrites", "max_retries") + _at_least(
+            self, 1, "questions", "batch_size")
+
+
+@dataclass(frozen=True)
+class BankConfig(Section):
+    """How each document's LoRA is trained (dyprag/bank.py). The defaults are the synthetic
+    world's recipe: its tiny base model needs far more steps than PRAG's one epoch at lr 3e-4
+    to take in a document (measured with the gold document's LoRA on 300 test questions:
+    1 epoch at lr 1e-2, rank 2 → F1 0.15; 80 epochs at 3e-2, rank 8, closed-book QA only →
+    0.57; plus the texts themselves → 0.62). PRAG's recipe: configs/base/paper.yaml."""
+
+    rank: int = 8
+    alpha: float = 32.0
+    lr: float = 3e-2
+    weight_decay: float = 0.0
+    epochs: int = 20
+    docs_per_step: int = 100
     shard_size: int = 256
     # Training examples per document: the first ``qa_with_passage`` QA pairs asked with the
     # passage (and again with each rewrite) in the prompt, the last ``qa_closed_book`` asked
     # with no passage (the two overlap when they add up to more than the document's pairs),
     # and optionally the passage and rewrites themselves as plain text (language modelling).
-    qa_with_passage: int = 2
-    qa_closed_book: int = 1
-    text: bool = False
-    loss_on: str = "answer"  # "answer": loss on answer tokens; "all": on every token
+    qa_with_passage: int = 0
+    qa_closed_book: int = 10
+    text: bool = True
+    loss_on: Literal["answer", "all"] = "answer"  # loss on answer tokens, or on every token
     # "shared": every LoRA starts from one seeded init (A random, B zero), as PRAG does;
     # "warmup": from a LoRA first trained briefly on many documents (PRAG's ablation).
-    init: str = "shared"
+    init: Literal["shared", "warmup"] = "shared"
     warmup_docs: int = 64
     warmup_epochs: int = 1
     warmup_lr: float = 1e-4
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"rank must be ≥ 1, got {self.rank}")
-        if self.loss_on not in ("answer", "all"):
-            problems.append(f"loss_on must be 'answer' or 'all', got {self.loss_on!r}")
-        if self.init not in ("shared", "warmup"):
-            problems.append(f"init must be 'shared' or 'warmup', got {self.init!r}")
-        for name in ("epochs", "docs_per_step", "shard_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be ≥ 1, got {getattr(self, name)}")
-        if problems:
-            raise ValueError("bank config: " + "; ".join(problems))
+    def problems(self) -> list[str]:
+        return _at_least(self, 1, "rank", "epochs", "docs_per_step", "shard_size") + _at_least(
+            self, 0, "qa_with_passage", "qa_closed_book")
 
 
-# The synthetic world's recipe: its tiny base model needs far more steps than PRAG's one
-# epoch at lr 3e-4 to take in a document. Measured with the gold document's LoRA on 300 test
-# questions (bench/world_baselines.py's base model): 1 epoch at lr 1e-2, rank 2 → F1 0.15;
-# 80 epochs at 3e-2, rank 8, closed-book QA only → 0.57; plus the texts themselves → 0.62.
-WORLD_BANK = BankConfig(rank=8, alpha=32.0, lr=3e-2, epochs=80, qa_with_passage=0,
-                        qa_closed_book=10, text=True, docs_per_step=128)
-
-
-MODES = ("vanilla", "rag", "prag", "dyprag", "prag+rag", "dyprag+rag")
-
-DEFAULTS: dict[str, Any] = {
-    "run": {"name": "world", "root": "checkpoints", "seed": 0},
-    "data": {
-        # "world": generate the synthetic world from ``world`` (its schema);
-        # "qa": a corpus (jsonl or DPR tsv) and QA files (any format dyprag.qa reads).
-        "kind": "world", "world": "configs/world.yaml",
-        "corpus": None, "train_qa": None, "test_qa": None, "qa_format": None,
-        "train_questions": None, "test_questions": None,
-        # Translator-training documents: "gold" (each question's meta.doc_id) or
-        # "retrieved" (the top ``index.k`` passages of each training question, as PRAG does).
-        "train_docs": "gold",
-        "val_fraction": 0.1,
-        # The world only (ignored for "qa"): bios of this many fresh people added to the
-        # translator's training data with the LM term only (no bank LoRA): cheap data for
-        # the hypernetwork.
-        "extra_docs": 6000,
-    },
-    "model": {
-        # "world": pretrain the tiny base model on the world; else a hub id or local path.
-        "name": "world", "dtype": "auto", "device": "auto",
-        "pretrain": {"reading_single": 24000, "reading_multi": 16000},
-    },
-    # k: documents per question at query time (infer.py's default). A world question is
-    # about one person, whose bio alone answers it, so 1; the paper configs use 3.
-    "index": {"method": "dense", "embedder": None, "factory": "Flat", "k": 1},
-    # How the model is asked: "plain" ("Question: … Answer:", the world's tiny model) or
-    # "chat" (the tokenizer's chat template, PRAG's instruction); "auto": chat when the
-    # tokenizer has a chat template. One format serves bank, translator, eval and infer.py.
-    "prompt": {"format": "auto"},
-    # method "template": the world's own QA templates; "llm": the base model writes the
-    # rewrites and QA pairs; "auto": template for the world, llm for data.kind "qa".
-    "augment": {"method": "auto", "rewrites": 1, "questions": 3, "max_retries": 2,
-                "batch_size": 8},
-    "bank": {**{k: getattr(WORLD_BANK, k) for k in BankConfig.__dataclass_fields__},
-             "epochs": 20, "docs_per_step": 100},
+@dataclass(frozen=True)
+class TranslatorConfig(Section):
     # The world's translator: linear in the passage's mean token embedding (see
     # dyprag/translator.py); DyPRAG's per-layer MLPs on the LLM embedding: configs/base/paper.yaml.
-    "translator": {"architecture": "linear", "hidden": 32, "target_embed_dim": 32,
-                   "embedding": "tokens"},
-    "train": {
-        "epochs": 2, "batch_size": 32, "lr": 1e-2, "weight_decay": 0.0, "warmup_steps": 20,
-        # The world trains on the LM term alone (it scored best there; bench/RESULTS.md);
-        # DyPRAG's 1 / 0.01 / 100 with KL and MSE to the bank: configs/base/paper.yaml.
-        "w_lm": 1.0, "w_kl": 0.0, "w_mse": 0.0, "mse_space": "delta",
-        "gradient_clip": 1.0, "accelerator": "auto", "devices": 1, "strategy": "auto",
-        "precision": "auto", "num_workers": 0, "val_questions": 100, "log_every_n_steps": 10,
-        # QA pairs per document also asked with the passage in the prompt (0: the bank's
-        # recipe only).
-        "qa_with_passage": 0,
-        # Also the LM loss on the passage and its rewrites with the generated LoRA (the
-        # bank's recipe; DyPRAG's translator trains on the QA pairs only).
-        "passage_lm": False,
-    },
-    "eval": {"modes": ["vanilla", "rag@1", "rag@3", "prag@1", "dyprag@1", "dyprag@3",
-                       "dyprag+rag@3"],
-             "limit": None, "max_new_tokens": 8, "batch_size": 64, "samples": 10},
-    "wandb": {"project": "dyprag", "name": None, "mode": None},
-}
+    architecture: Literal["per_layer", "shared", "linear"] = "linear"
+    hidden: int = 32
+    target_embed_dim: int = 32
+    # The document embedding it reads: the retriever's, the base model's last-token state of
+    # the passage ("llm", DyPRAG's) or its mean input-token embedding ("tokens").
+    embedding: Literal["retriever", "llm", "tokens"] = "tokens"
 
-CHOICES = {
-    ("data", "kind"): ("world", "qa"),
-    ("prompt", "format"): ("auto", *PROMPT_FORMATS),
-    ("augment", "method"): ("auto", "template", "llm"),
-    ("data", "train_docs"): ("gold", "retrieved"),
-    ("index", "method"): ("dense", "bm25", "hybrid"),
-    ("translator", "architecture"): ("per_layer", "shared", "linear"),
-    ("translator", "embedding"): ("retriever", "llm", "tokens"),
-    ("train", "mse_space"): ("delta", "factor"),
-    ("bank", "loss_on"): ("answer", "all"),
-    ("bank", "init"): ("shared", "warmup"),
-    ("wandb", "mode"): (None, "offline", "online", "disabled"),
-    ("data", "qa_format"): (None, *FORMATS),
-}
-# Keys whose default is None but which take a value of this type.
-TYPES = {("data", "corpus"): str, ("data", "train_qa"): str, ("data", "test_qa"): str,
-         ("data", "train_questions"): int,
-         ("data", "test_questions"): int, ("index", "embedder"): str, ("eval", "limit"): int,
-         ("wandb", "name"): str}
+    def problems(self) -> list[str]:
+        return _at_least(self, 1, "hidden", "target_embed_dim")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Section):
+    """The translator's fit (dyprag/fit.py, dyprag/distill.py)."""
+
+    epochs: int = 2
+    batch_size: int = 32
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    # The world trains on the LM term alone (it scored best there; bench/RESULTS.md);
+    # DyPRAG's 1 / 0.01 / 100 with KL and MSE to the bank: configs/base/paper.yaml.
+    w_lm: float = 1.0
+    w_kl: float = 0.0
+    w_mse: float = 0.0
+    mse_space: Literal["delta", "factor"] = "delta"
+    gradient_clip: float = 1.0
+    accelerator: str = "auto"
+    devices: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on a GPU, 32-true on a CPU
+    num_workers: int = 0
+    val_questions: int = 100
+    log_every_n_steps: int = 10
+    # QA pairs per document also asked with the passage in the prompt (0: the bank's recipe
+    # only).
+    qa_with_passage: int = 0
+    # Also the LM loss on the passage and its rewrites with the generated LoRA (the bank's
+    # recipe; DyPRAG's translator trains on the QA pairs only).
+    passage_lm: bool = False
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, 1, "epochs", "batch_size", "log_every_n_steps") + _at_least(
+            self, 0, "val_questions", "w_lm", "w_kl", "w_mse", "qa_with_passage")
+        if self.lr <= 0:
+            out.append(f"lr: must be > 0, got {self.lr}")
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig(Section):
+    modes: list[str] = field(default_factory=lambda: [
+        "vanilla", "rag@1", "rag@3", "prag@1", "dyprag@1", "dyprag@3", "dyprag+rag@3"])
+    limit: int | None = None  # the first N test questions
+    max_new_tokens: int = 8
+    batch_size: int = 64
+    samples: int = 10  # sample answers in the logs
+
+    def problems(self) -> list[str]:
+        out = []
+        for mode in self.modes:
+            try:
+                parse_mode(mode)
+            except ValueError as err:
+                out.append(f"modes: {err}")
+        return out + _at_least(self, 1, "max_new_tokens", "batch_size")
+
+
+@dataclass(frozen=True)
+class WandbConfig(Section):
+    project: str = "dyprag"
+    name: str | None = None  # None: run.name
+    # None: WANDB_MODE, else online only when the user has a W&B API key (dyprag/loggers.py).
+    mode: Literal["offline", "online", "disabled"] | None = None
+
+
+@dataclass(frozen=True)
+class Config(Section):
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    translator: TranslatorConfig = field(default_factory=TranslatorConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def problems(self, complete: bool = True) -> list[str]:
+        """Problems across sections; ``complete=False`` accepts a base file that leaves the
+        data or the model to others."""
+        out = []
+        if self.data.kind == "qa" and self.augment.method == "template":
+            out.append("augment.method: 'template' is the synthetic world's; with data.kind "
+                       "'qa' use 'llm' (or 'auto')")
+        if self.data.kind == "qa" and complete:
+            out += [f"data.{key}: required when data.kind is 'qa'"
+                    for key in ("corpus", "train_qa", "test_qa") if not getattr(self.data, key)]
+            if self.model.name == "world":
+                out.append("model.name: 'world' is the synthetic world's own model; with "
+                           "data.kind 'qa' give a hub id or a local path")
+        return out
+
+    def __post_init__(self) -> None:
+        pass  # cross-section checks need ``complete``: load_config runs them
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def choices(section: type, name: str) -> tuple:
+    """The values a ``Literal`` field of ``section`` takes (None included when optional)."""
+    hint = get_type_hints(section)[name]
+    if get_origin(hint) in (Union, types.UnionType):
+        return tuple(v for a in get_args(hint) for v in (get_args(a) or (None,)))
+    return get_args(hint)
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """What is wrong with ``value`` for a field annotated ``hint`` (None: nothing). An int is
+    a float; a bool is no int; a float must be finite."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return None if value in args else f"must be one of {args}, got {value!r}"
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        problem = _type_problem(value, inner)
+        if problem and get_origin(inner) is Literal:
+            return f"must be one of {(None, *get_args(inner))}, got {value!r}"
+        return problem
+    if origin is list:
+        if not isinstance(value, list):
+            return f"must be a list, got {value!r}"
+        return next(filter(None, (_type_problem(v, args[0]) for v in value)), None)
+    if isinstance(value, bool) and hint is not bool:
+        return f"must be {hint.__name__}, got {value!r}"
+    if hint is float and isinstance(value, int):
+        return None
+    if not isinstance(value, hint):
+        return f"must be {hint.__name__}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value!r}"
+    return None
+
+
+def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in base:
+            problems.append(f"{path}: unknown key (known: {', '.join(sorted(base))})")
+        elif isinstance(base[key], dict):
+            if isinstance(value, dict):
+                out[key] = _merge(base[key], value, path, problems)
+            else:
+                problems.append(f"{path}: must be a mapping, got {value!r}")
+        else:
+            out[key] = value
+    return out
+
+
+def _build(cls: type, values: dict, where: str, problems: list[str]):
+    """``cls(**values)`` with every field's type checked and every bad value named (None when
+    there is a problem)."""
+    hints, kwargs, ok = get_type_hints(cls), {}, True
+    for f in dataclasses.fields(cls):
+        name, value, hint = f"{where}.{f.name}" if where else f.name, values[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            value = _build(hint, value, name, problems)
+            ok = ok and value is not None
+        elif (problem := _type_problem(value, hint)) is not None:
+            problems.append(f"{name}: {problem}")
+            ok = False
+        kwargs[f.name] = value
+    if not ok:
+        return None
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        problems += [f"{where}.{p}" if where else p for p in err.problems]
+        return None
 
 
 class _Loader(yaml.SafeLoader):
@@ -173,22 +410,6 @@ _Loader.add_implicit_resolver(
 
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
-
-
-def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in update.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in base:
-            problems.append(f"{path}: unknown key (known: {', '.join(sorted(base))})")
-        elif isinstance(base[key], dict) and key != "pretrain":
-            if isinstance(value, dict):
-                out[key] = _merge(base[key], value, path, problems)
-            else:
-                problems.append(f"{path}: must be a mapping, got {value!r}")
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
@@ -225,72 +446,6 @@ def parse_override(text: str) -> dict:
     return value
 
 
-def _is(value: Any, wanted: type | None, optional: bool) -> bool:
-    """``value`` fits a field of type ``wanted`` (None: any); an int is a float, a bool is no
-    int; ``optional`` fields (default None) also take None."""
-    if wanted is None or (optional and value is None):
-        return True
-    if isinstance(value, bool):
-        return wanted is bool
-    return isinstance(value, wanted) or (wanted is float and isinstance(value, int))
-
-
-def validate(config: dict, complete: bool = True) -> list[str]:
-    """Every problem with a merged config, each as 'section.key: what is wrong'.
-
-    ``complete=False`` accepts a base file that leaves the data or the model to others."""
-    problems = []
-    for section, keys in DEFAULTS.items():
-        for key, default in keys.items():
-            value, name = config[section][key], f"{section}.{key}"
-            wanted = TYPES.get((section, key), type(default) if default is not None else None)
-            if (section, key) in CHOICES:
-                if value not in CHOICES[(section, key)]:
-                    problems.append(f"{name}: must be one of {CHOICES[(section, key)]}, got {value!r}")
-            elif not _is(value, wanted, optional=(section, key) in TYPES):
-                problems.append(f"{name}: must be {wanted.__name__}, got {value!r}")
-            elif isinstance(value, float) and not math.isfinite(value):
-                problems.append(f"{name}: must be a finite number, got {value!r}")
-    modes = config["eval"]["modes"]
-    for mode in modes if isinstance(modes, list) else [modes]:
-        try:
-            parse_mode(mode)
-        except ValueError as err:
-            problems.append(f"eval.modes: {err}")
-    if problems:
-        return problems
-    data, train = config["data"], config["train"]
-    if data["kind"] == "qa" and config["augment"]["method"] == "template":
-        problems.append("augment.method: 'template' is the synthetic world's; with data.kind "
-                        "'qa' use 'llm' (or 'auto')")
-    if data["kind"] == "qa" and complete:
-        for key in ("corpus", "train_qa", "test_qa"):
-            if not data[key]:
-                problems.append(f"data.{key}: required when data.kind is 'qa'")
-        if config["model"]["name"] == "world":
-            problems.append("model.name: 'world' is the synthetic world's own model; "
-                            "with data.kind 'qa' give a hub id or a local path")
-    if data["extra_docs"] < 0:
-        problems.append(f"data.extra_docs: must be ≥ 0, got {data['extra_docs']}")
-    if not 0 <= data["val_fraction"] < 1:
-        problems.append(f"data.val_fraction: must be in [0, 1), got {data['val_fraction']}")
-    for key in ("epochs", "batch_size", "val_questions", "log_every_n_steps"):
-        if train[key] < (0 if key == "val_questions" else 1):
-            problems.append(f"train.{key}: must be ≥ 1, got {train[key]}")
-    if train["lr"] <= 0:
-        problems.append(f"train.lr: must be > 0, got {train['lr']}")
-    for key in ("w_lm", "w_kl", "w_mse"):
-        if train[key] < 0:
-            problems.append(f"train.{key}: must be ≥ 0, got {train[key]}")
-    if config["index"]["k"] < 1:
-        problems.append(f"index.k: must be ≥ 1, got {config['index']['k']}")
-    try:
-        BankConfig(**config["bank"])
-    except (TypeError, ValueError) as err:
-        problems.append(f"bank: {err}")
-    return problems
-
-
 def parse_mode(mode: str) -> tuple[str, int]:
     """``"dyprag+rag@3"`` → ``("dyprag+rag", 3)``; ``"vanilla"`` → ``("vanilla", 0)``."""
     name, _, k = str(mode).partition("@")
@@ -306,24 +461,21 @@ def parse_mode(mode: str) -> tuple[str, int]:
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
-                complete: bool = True) -> dict:
+                complete: bool = True) -> Config:
     """Defaults ← the file's ``base:`` chain ← the file ← overrides; validated (see
-    ``validate`` for ``complete``)."""
+    ``Config.problems`` for ``complete``)."""
     problems: list[str] = []
-    config = copy.deepcopy(DEFAULTS)
+    values = Config().to_dict()
     layers = _read_yaml(Path(path)) if path is not None else []
     for layer in [*layers, *(parse_override(o) for o in overrides)]:
-        config = _merge(config, layer, "", problems)
-    problems += validate(config, complete)
+        values = _merge(values, layer, "", problems)
+    config = _build(Config, values, "", problems)
+    if config is not None:
+        problems += config.problems(complete)
     if problems:
-        where = f"config {path}" if path is not None else "config"
-        raise ValueError(f"{where}: " + "; ".join(problems))
+        raise ConfigError(problems, f"config {path}" if path is not None else "config")
     return config
 
 
-def bank_config(config: dict) -> BankConfig:
-    return BankConfig(**config["bank"])
-
-
-def dump(config: dict) -> str:
-    return yaml.safe_dump(config, sort_keys=False)
+def dump(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

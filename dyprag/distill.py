@@ -33,11 +33,14 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dyprag.config import TrainConfig, choices
+from dyprag.examples import Segments, collate
+from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
 from dyprag.metrics import score
 from dyprag.optim import adamw_warmup_cosine
-from dyprag.prompts import PLAIN, PromptFormat, Segments, collate, generate_answers
+from dyprag.prompts import PLAIN, PromptFormat
 from dyprag.translator import ParameterTranslator
 
 
@@ -157,8 +160,9 @@ class TranslatorDistillation(pl.LightningModule):
                  w_lm: float = 1.0, w_kl: float = 0.01, w_mse: float = 100.0,
                  mse_space: str = "delta"):
         super().__init__()
-        if mse_space not in ("delta", "factor"):
-            raise ValueError(f"mse_space must be 'delta' or 'factor', got {mse_space!r}")
+        if mse_space not in choices(TrainConfig, "mse_space"):
+            raise ValueError(f"mse_space must be one of {choices(TrainConfig, 'mse_space')}, "
+                             f"got {mse_space!r}")
         self.translator = translator
         # Not a submodule: the frozen base stays out of state_dict and checkpoints.
         self.__dict__["base"] = model

@@ -6,7 +6,7 @@ Hub id ``sentence-transformers/all-MiniLM-L6-v2``, so an index built with the pa
 and one built with ``Embedder("sentence-transformers/all-MiniLM-L6-v2")`` agree.
 
 Vectors are float32 and L2-normalised, so inner product = cosine similarity (what the FAISS
-index in ``dyprag.index`` searches with). On CUDA the model runs in fp16; the output is
+index in ``dyprag.dense_index`` searches with). On CUDA the model runs in fp16; the output is
 still float32.
 
     embedder = Embedder()                         # CPU or the first GPU
@@ -22,6 +22,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dyprag.corpus import count_passages, iter_batches, iter_corpus
+from dyprag.files import atomic_path
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Passages handed to sentence-transformers per call: it sorts each call's texts by length
@@ -118,8 +121,7 @@ class Embedder:
         out = Path(out_path)
         out.parent.mkdir(parents=True, exist_ok=True)
         n = count_passages(corpus_path)
-        tmp = out.with_name(out.name + ".tmp")
-        try:
+        with atomic_path(out) as tmp:
             emb = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, self.dim))
             row = 0
             with tqdm(total=n, desc="embed", unit="psg", disable=not show_progress) as bar:
@@ -135,9 +137,6 @@ class Embedder:
                                  "was it modified while embedding?")
             emb.flush()
             del emb  # close the map before the rename
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
         return np.load(out, mmap_mode="r")
 
 
@@ -196,3 +195,46 @@ class TokenMeanEmbedder(LLMEmbedder):
             rows.append(table[torch.tensor(ids, device=table.device)].float().mean(0, keepdim=True)
                         .cpu().numpy())
         return np.concatenate(rows)
+
+
+def document_encoder(source: str, model, tokenizer, model_id: str,
+                     retriever_embedder: Embedder | None = None) -> Embedder:
+    """What makes the translator's document embeddings (``translator.embedding``): the
+    retriever's embedder, the base model's last-token state (``llm``) or its mean input-token
+    embedding (``tokens``)."""
+    if source == "retriever":
+        if retriever_embedder is None:
+            raise ValueError("translator.embedding 'retriever' needs a dense index "
+                             "(index.method dense or hybrid)")
+        return retriever_embedder
+    return (LLMEmbedder if source == "llm" else TokenMeanEmbedder)(model, tokenizer, model_id)
+
+
+@dataclass
+class EmbeddingTable:
+    """Document id → the translator's input embedding (rows of a stored ``(N, D)`` array)."""
+
+    ids: list[str]
+    vectors: np.ndarray
+    name: str = ""  # the embedder: checkpoints record it, so a mismatch can be refused
+
+    def __post_init__(self) -> None:
+        if len(self.ids) != len(self.vectors):
+            raise ValueError(f"{len(self.ids)} document ids but {len(self.vectors)} embeddings")
+        self.row = {doc_id: i for i, doc_id in enumerate(self.ids)}
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    def extended(self, ids: Sequence[str], vectors: np.ndarray) -> EmbeddingTable:
+        """This table plus rows for ``ids`` (e.g. passages embedded at query time)."""
+        return EmbeddingTable([*self.ids, *ids], np.concatenate([self.vectors, vectors]),
+                              self.name)
+
+    def get(self, doc_ids: Sequence[str]) -> torch.Tensor:
+        missing = [d for d in doc_ids if d not in self.row]
+        if missing:
+            raise KeyError(f"no stored embedding for documents {missing[:5]}")
+        return torch.from_numpy(np.asarray(self.vectors[[self.row[d] for d in doc_ids]],
+                                           dtype=np.float32))

@@ -33,14 +33,33 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename (parents created)."""
+def is_cached(meta: str | os.PathLike, key: str) -> bool:
+    """A stage's output is up to date: its meta file (written last) records ``key``, the
+    fingerprint of the inputs it was made from. An unreadable meta file raises ``Unreadable``."""
+    meta = Path(meta)
+    return meta.is_file() and read_json(meta).get("fingerprint") == key
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file path beside ``path`` (same suffix, so writers that go by it still
+    work), renamed over ``path`` when the block ends without error and removed when it raises;
+    parent directories are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename (parents created)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -51,17 +70,10 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> Path:
 def atomic_write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     """Write one JSON value per line (UTF-8 as is), streaming, atomically; creates the parent
     directory. If ``rows`` raises, ``path`` is left as it was and no temporary file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return Path(path)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -165,6 +177,5 @@ def unshare(path: str | os.PathLike) -> None:
     is hard-linked (a rerun's staging copy shares its files with the finished run)."""
     path = Path(path)
     if path.is_file() and path.stat().st_nlink > 1:
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            shutil.copyfile(path, tmp)

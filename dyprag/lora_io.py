@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from dyprag.files import atomic_write_json, read_meta, read_safetensors
+from dyprag.files import atomic_path, atomic_write_json, read_meta, read_safetensors
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import MODULES
@@ -36,10 +36,9 @@ META = "meta.json"
 def atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path,
                         metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors file through a temporary name and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp),
-              metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: t.detach().contiguous().cpu() for k, t in tensors.items()}, str(tmp),
+                  metadata=metadata)
 
 
 def lora_tensors(lora: LoRA) -> dict[str, torch.Tensor]:

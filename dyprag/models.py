@@ -216,14 +216,17 @@ def load_model(
     device: str | torch.device = "cpu",
 ):
     """Load a causal LM and its tokenizer from a hub id, a local directory, a ``.gguf`` file
-    or a ``PACKAGED`` name (see ``model_source``).
+    or a ``PACKAGED`` name (see ``model_source``). ``dtype="auto"``: bfloat16 on a GPU, else
+    float32; ``device="auto"``: the GPU when there is one.
 
     Returns ``(model, tokenizer)`` with the model in eval mode. A hub id that cannot be
     reached and is not in the local cache gets one clear ``OSError`` saying what to do.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = resolve_dtype(dtype)
+    cuda = torch.cuda.is_available()
+    torch_dtype = resolve_dtype(("bfloat16" if cuda else "float32") if dtype == "auto" else dtype)
+    device = ("cuda" if cuda else "cpu") if device == "auto" else device
     source = model_source(name_or_path)
     looks_local = Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
     if looks_local and not (Path(source).expanduser() / "config.json").is_file():

@@ -17,25 +17,37 @@ read, and only rank 0 evaluates and writes the results.
 from __future__ import annotations
 
 import contextlib
-import os
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from dyprag import rundir
+from dyprag.answer import Knowledge, evaluate
 from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
-from dyprag.config import bank_config, dump, parse_mode
+from dyprag.config import Config, dump, parse_mode
 from dyprag.corpus import read_passages
-from dyprag.evaluate import EmbeddingTable, Knowledge, evaluate
-from dyprag.files import Unreadable, atomic_write_json, atomic_write_text, fingerprint, read_json
+from dyprag.embed import EmbeddingTable, document_encoder
+from dyprag.files import (
+    Unreadable,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    fingerprint,
+    is_cached,
+    read_json,
+)
+from dyprag.fit import fit_translator
+from dyprag.loggers import log_results
 from dyprag.models import load_model
 from dyprag.prompts import prompt_format
-from dyprag.qa import QAExample, load_qa
+from dyprag.qa import QAExample
 from dyprag.retrieval import Retriever, build_retriever
-from dyprag.rundir import begin, owning_stage, publish, run_dir
-from dyprag.training import fit_translator, is_rank_zero, log_results
 
 
 @dataclass
@@ -46,107 +58,88 @@ class Data:
     world: Path | None = None
 
 
+@rank_zero_only
 def log(message: str) -> None:
-    if is_rank_zero():
-        print(f"[dyprag] {message}", flush=True)
+    print(f"[dyprag] {message}", flush=True)
 
 
 # ---- stages -----------------------------------------------------------------------------------
-def stage_data(config: dict, out: Path) -> Data:
-    data = config["data"]
-    if data["kind"] == "world":
+def stage_data(config: Config, out: Path) -> Data:
+    """The synthetic world generated into the run (``data.kind: world``), and the run's
+    questions (``rundir.questions``)."""
+    world = None
+    if config.data.kind == "world":
         from dyprag.world import generate_world, load_schema
 
-        schema = Path(data["world"])
+        schema = Path(config.data.world)
         if not schema.is_file() and not schema.is_absolute():  # run from another directory
             schema = Path(__file__).resolve().parents[1] / schema
         world = generate_world(load_schema(schema), out / "world")
-        return Data(world / "corpus.jsonl",
-                    load_qa(world / "qa_train.jsonl", limit=data["train_questions"]),
-                    load_qa(world / "qa_test.jsonl", limit=data["test_questions"]), world)
-    for key in ("corpus", "train_qa", "test_qa"):
-        if not Path(data[key]).is_file():
-            raise FileNotFoundError(f"data.{key}: {data[key]} does not exist")
-    n_test, n_train = data["test_questions"], data["train_questions"]
-    if Path(data["train_qa"]).resolve() == Path(data["test_qa"]).resolve():
-        # One file (PRAG's dev sets): the first n_test questions test, the next n_train train.
-        if n_test is None:
-            raise ValueError("data.test_questions: required when train_qa and test_qa are "
-                             "the same file (the first ones test, the rest train)")
-        every = load_qa(data["test_qa"], data["qa_format"],
-                        None if n_train is None else n_test + n_train)
-        return Data(Path(data["corpus"]), every[n_test:], every[:n_test])
-    return Data(Path(data["corpus"]), load_qa(data["train_qa"], data["qa_format"], n_train),
-                load_qa(data["test_qa"], data["qa_format"], n_test))
+    train, test = rundir.questions(config, out)
+    return Data(rundir.corpus_path(config, out), train, test, world)
 
 
-def stage_base(config: dict, data: Data, out: Path) -> tuple[str, str]:
-    """``(path or hub id to load, model id recorded in banks and checkpoints)``."""
-    name = config["model"]["name"]
-    if name != "world":
-        return name, name
-    from dyprag.pretrain import pretrain_base
+def stage_base(config: Config, data: Data, out: Path) -> tuple[str, str]:
+    """``(path or hub id to load, model id recorded in banks and checkpoints)``; the world's
+    model is pretrained first (cached)."""
+    if config.model.name == "world":
+        from dyprag.world_base import pretrain_base
 
-    start = time.perf_counter()
-    base = pretrain_base(data.world, out / "base", **config["model"]["pretrain"])
-    log(f"base model ready ({time.perf_counter() - start:.0f}s; "
-        f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
-    return str(base), world_model_id(base)
-
-
-def world_model_id(base: Path) -> str:
-    """The id banks and translators record for the world's pretrained model in ``base``."""
-    return f"world:{read_json(base / 'pretrain.json')['fingerprint']}"
+        start = time.perf_counter()
+        base = pretrain_base(data.world, out / "base", config.model.pretrain)
+        log(f"base model ready ({time.perf_counter() - start:.0f}s; "
+            f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
+    return rundir.base_model(config, out)
 
 
-def stage_index(config: dict, data: Data, out: Path) -> Retriever:
-    index = config["index"]
-    return build_retriever(data.corpus, out / "index", method=index["method"],
-                           factory=index["factory"], embedder=index["embedder"])
+def stage_index(config: Config, data: Data, out: Path) -> Retriever:
+    index = config.index
+    return build_retriever(data.corpus, out / "index", method=index.method,
+                           factory=index.factory, embedder=index.embedder)
 
 
-def training_documents(config: dict, data: Data, retriever: Retriever) -> list[str]:
+def training_documents(config: Config, data: Data, retriever: Retriever) -> list[str]:
     """Documents the bank and translator learn from, in a fixed order."""
-    if config["data"]["train_docs"] == "gold":
+    if config.data.train_docs == "gold":
         missing = [qa.id for qa in data.train if "doc_id" not in qa.meta]
         if missing:
             raise ValueError(f"data.train_docs is 'gold' but questions {missing[:3]} have no "
                              "meta.doc_id; use data.train_docs=retrieved")
         ids = [qa.meta["doc_id"] for qa in data.train]
     else:
-        hits = retriever.retrieve([qa.question for qa in data.train], k=config["index"]["k"])
+        hits = retriever.retrieve([qa.question for qa in data.train], k=config.index.k)
         ids = [d for h in hits for d, _ in h]
     return list(dict.fromkeys(ids))
 
 
-def augment_method(config: dict) -> str:
+def augment_method(config: Config) -> str:
     """``augment.method`` resolved: ``auto`` is the world's templates, else the LLM."""
-    method = config["augment"]["method"]
-    if method == "auto":
-        return "template" if config["data"]["kind"] == "world" else "llm"
-    return method
+    if config.augment.method == "auto":
+        return "template" if config.data.kind == "world" else "llm"
+    return config.augment.method
 
 
-def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, model, tokenizer):
+def stage_augment(config: Config, data: Data, doc_ids: list[str], path: Path, model, tokenizer):
     """Rewrites and QA pairs of ``doc_ids`` (cached line by line in ``path``, which is
     started over when the method changes); documents without QA pairs are left out."""
     passages = list(read_passages(data.corpus, doc_ids).values())
-    a, method = config["augment"], augment_method(config)
+    a, method = config.augment, augment_method(config)
     if method == "template":
         augmenter = TemplateAugmenter(data.world)
     else:
-        augmenter = LLMAugmenter.from_model(model, tokenizer, batch_size=a["batch_size"],
-                                            seed=config["run"]["seed"], rewrites=a["rewrites"],
-                                            questions=a["questions"], max_retries=a["max_retries"])
+        augmenter = LLMAugmenter.from_model(model, tokenizer, batch_size=a.batch_size,
+                                            seed=config.run.seed, rewrites=a.rewrites,
+                                            questions=a.questions, max_retries=a.max_retries)
+    recipe = {k: v for k, v in dataclasses.asdict(a).items() if k != "batch_size"}
     key = "template" if method == "template" else fingerprint(
-        [method, {k: v for k, v in a.items() if k != "batch_size"}, config["model"]["name"],
-         augmenter.qa_prompt("P.")])  # the writer, its recipe and its prompt's wording
-    marker = path.with_name(path.name + ".json")
-    if path.is_file() and (read_json(marker) if marker.is_file() else {}).get("fingerprint",
-                                                                               "template") != key:
+        [method, recipe, config.model.name, augmenter.qa_prompt("P.")])  # the writer, its
+    marker = path.with_name(path.name + ".json")                      # recipe and its wording
+    # A marker-less file is the world's templates' (written before markers existed).
+    if path.is_file() and not (is_cached(marker, key) or (not marker.is_file()
+                                                           and key == "template")):
         path.unlink()  # written by another method or recipe
     atomic_write_json(marker, {"fingerprint": key, "method": method})
-    stats = augment_corpus(passages, augmenter, path, batch_size=a["batch_size"])
+    stats = augment_corpus(passages, augmenter, path, batch_size=a.batch_size)
     records = {r.doc_id: r for r in read_augmented(path)}
     failed = sum(not records[p.id].qa for p in passages if p.id in records)
     log(f"augmentation ({method}): {len(passages) - failed} of {len(passages)} documents with "
@@ -154,65 +147,25 @@ def stage_augment(config: dict, data: Data, doc_ids: list[str], path: Path, mode
     return [records[d] for d in doc_ids if d in records and records[d].qa]
 
 
-def stage_llm_embeddings(config: dict, model, tokenizer, model_id: str, data: Data,
-                         doc_ids: list[str], out: Path) -> EmbeddingTable:
-    """Embeddings made by the base model (``translator.embedding``: ``llm``, DyPRAG's
-    last-token state, or ``tokens``, the mean input-token embedding) of each passage in
-    ``doc_ids`` (training documents and every test question's retrieved ones), stored beside
-    the index so that answering needs no extra forward."""
-    import numpy as np
-
-    source = config["translator"]["embedding"]
-    encoder = translator_encoder(config, None, model, tokenizer, model_id)
+def document_embeddings(config: Config, retriever: Retriever, encoder, data: Data,
+                        doc_ids: list[str], out: Path) -> EmbeddingTable:
+    """The translator's input for ``doc_ids`` (training documents and every test question's
+    retrieved ones): the index's vectors (``translator.embedding: retriever``), or the base
+    model's (``llm``: DyPRAG's last-token state; ``tokens``: the mean input-token embedding),
+    stored in the run (``rundir.embedding_files``) so that answering needs no extra forward."""
+    source = config.translator.embedding
+    if source == "retriever":
+        return retriever.embedding_table()
     passages = list(read_passages(data.corpus, doc_ids).values())
     ids = [p.id for p in passages]
     key = fingerprint([encoder.name, ids, [p.text for p in passages]])
-    meta_path, path = out / f"{source}-embeddings.json", out / f"{source}-embeddings.npy"
-    if not (meta_path.is_file() and read_json(meta_path).get("fingerprint") == key
-            and path.is_file()):
-        meta_path.unlink(missing_ok=True)
-        vectors = encoder.encode([p.text for p in passages])
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, vectors)
-        os.replace(tmp, path)
-        atomic_write_json(meta_path, {"fingerprint": key, "embedder": encoder.name, "ids": ids})
-    return stored_embeddings(out, source)
-
-
-def stored_embeddings(index_dir: Path, source: str) -> EmbeddingTable:
-    """The ``llm`` or ``tokens`` embeddings ``stage_llm_embeddings`` stored in ``index_dir``."""
-    import numpy as np
-
-    meta = read_json(index_dir / f"{source}-embeddings.json")
-    return EmbeddingTable(meta["ids"], np.load(index_dir / f"{source}-embeddings.npy",
-                                               mmap_mode="r"), meta["embedder"])
-
-
-def retriever_embeddings(retriever: Retriever) -> EmbeddingTable:
-    """The dense index's document vectors (rows in the index's id order)."""
-    if retriever.embeddings is None or retriever.dense is None:
-        raise ValueError("translator.embedding 'retriever' needs a dense index "
-                         "(index.method dense or hybrid)")
-    return EmbeddingTable(retriever.dense.ids, retriever.embeddings, retriever.embedder.name)
-
-
-def translator_encoder(config: dict, retriever: Retriever | None, model, tokenizer,
-                       model_id: str):
-    """What made the translator's embeddings, to embed passages outside the corpus."""
-    from dyprag.embed import LLMEmbedder, TokenMeanEmbedder
-
-    source = config["translator"]["embedding"]
-    if source == "retriever":
-        return retriever.embedder
-    return (LLMEmbedder if source == "llm" else TokenMeanEmbedder)(model, tokenizer, model_id)
-
-
-def document_embeddings(config: dict, retriever: Retriever, model, tokenizer, model_id: str,
-                        data: Data, doc_ids: list[str], out: Path) -> EmbeddingTable:
-    if config["translator"]["embedding"] != "retriever":
-        return stage_llm_embeddings(config, model, tokenizer, model_id, data, doc_ids,
-                                    out / "index")
-    return retriever_embeddings(retriever)
+    vectors, meta = rundir.embedding_files(out, source)
+    if not (is_cached(meta, key) and vectors.is_file()):
+        meta.unlink(missing_ok=True)
+        with atomic_path(vectors) as tmp:
+            np.save(tmp, encoder.encode([p.text for p in passages]))
+        atomic_write_json(meta, {"fingerprint": key, "embedder": encoder.name, "ids": ids})
+    return rundir.read_embeddings(out, source)
 
 
 # ---- the whole run ----------------------------------------------------------------------------
@@ -250,7 +203,7 @@ class StageError(Exception):
 USER_ERRORS = (ValueError, OSError, EOFError, FloatingPointError)  # what a bad input raises
 
 
-def run(config: dict, rebuild: tuple[str, ...] = ()) -> dict | None:
+def run(config: Config, rebuild: tuple[str, ...] = ()) -> dict | None:
     """Every stage; returns the eval results on rank 0 (None on other ranks). ``rebuild``:
     stages whose stored outputs are discarded first (``rundir.STAGES``). A stage's error on
     its input is raised as a ``StageError``."""
@@ -258,15 +211,15 @@ def run(config: dict, rebuild: tuple[str, ...] = ()) -> dict | None:
     try:
         return _run(config, rebuild, clock)
     except USER_ERRORS as err:
-        rebuild = (owning_stage(err.path, run_dir(config)) if isinstance(err, Unreadable)
-                   else None)
+        rebuild = (rundir.owning_stage(err.path, rundir.run_dir(config))
+                   if isinstance(err, Unreadable) else None)
         raise StageError(clock.failed or "run", err, rebuild) from err
 
 
-def _run(config: dict, rebuild: tuple[str, ...], clock: StageClock) -> dict | None:
-    torch.manual_seed(config["run"]["seed"])
-    final = run_dir(config)
-    out = begin(final, rebuild, main_process=is_rank_zero())
+def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | None:
+    torch.manual_seed(config.run.seed)
+    final = rundir.run_dir(config)
+    out = rundir.begin(final, rebuild, main_process=rank_zero_only.rank == 0)
     if out != final:
         log(f"{final} is a finished run: this attempt works in {out} and replaces it only "
             "when it finishes")
@@ -276,8 +229,8 @@ def _run(config: dict, rebuild: tuple[str, ...], clock: StageClock) -> dict | No
     log(f"data: {len(data.train)} training and {len(data.test)} test questions")
     with clock("base"):
         load_path, model_id = stage_base(config, data, out)
-        model, tokenizer = load_model(load_path, dtype=model_dtype(config),
-                                      device=model_device(config))
+        model, tokenizer = load_model(load_path, dtype=config.model.dtype,
+                                      device=config.model.device)
     for p in model.parameters():
         p.requires_grad_(False)
     with clock("index"):
@@ -287,23 +240,24 @@ def _run(config: dict, rebuild: tuple[str, ...], clock: StageClock) -> dict | No
         doc_ids = training_documents(config, data, retriever)
         docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
     log(f"augmented {len(docs)} training documents")
-    fmt = prompt_format(tokenizer, config["prompt"]["format"])
+    fmt = prompt_format(tokenizer, config.prompt.format)
     log(f"prompt format: {fmt.kind}")
     with clock("bank"):
-        bank_dir = build_bank(model, tokenizer, docs, out / "bank", bank_config(config),
+        bank_dir = build_bank(model, tokenizer, docs, out / "bank", config.bank,
                               base_model=model_id, fmt=fmt)
         bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
     with clock("embeddings"):
         test, hits = test_retrieval(config, data, retriever)
-        embeddings = document_embeddings(config, retriever, model, tokenizer, model_id, data,
+        encoder = document_encoder(config.translator.embedding, model, tokenizer, model_id,
+                                   retriever.embedder)
+        embeddings = document_embeddings(config, retriever, encoder, data,
                                          doc_ids + [d for h in hits for d in h], out)
         extra = []
-        if config["data"]["extra_docs"] and config["data"]["kind"] == "world":
-            extra = fresh_documents(data.world, config["data"]["extra_docs"],
-                                    config["run"]["seed"])
-            embeddings = embeddings.extended([d.doc_id for d in extra], translator_encoder(
-                config, retriever, model, tokenizer, model_id).encode([d.text for d in extra]))
+        if config.data.extra_docs and config.data.kind == "world":
+            extra = fresh_documents(data.world, config.data.extra_docs, config.run.seed)
+            embeddings = embeddings.extended([d.doc_id for d in extra],
+                                             encoder.encode([d.text for d in extra]))
             log(f"{len(extra)} extra documents for the translator's LM term")
 
     with clock("translator"):
@@ -325,35 +279,34 @@ def _run(config: dict, rebuild: tuple[str, ...], clock: StageClock) -> dict | No
     # The run is finished: its description last, then the attempt replaces the old run.
     atomic_write_text(out / "config.yaml", dump(config))
     atomic_write_json(out / "eval.json", results)
-    publish(out, final)
+    rundir.publish(out, final)
     return results
 
 
-def test_retrieval(config: dict, data: Data, retriever: Retriever) -> tuple[list[QAExample], list]:
+def test_retrieval(config: Config, data: Data, retriever: Retriever) -> tuple[list[QAExample], list]:
     """The evaluated questions and their top-k document ids (k: the largest of eval.modes)."""
-    ev = config["eval"]
-    test = data.test[:ev["limit"]] if ev["limit"] else data.test
+    test = rundir.first(data.test, config.eval.limit)
     if not test:
         raise ValueError("no test questions to evaluate")
-    k_max = max([parse_mode(m)[1] for m in ev["modes"]] + [1])
+    k_max = max([parse_mode(m)[1] for m in config.eval.modes] + [1])
     hits = retriever.retrieve([qa.question for qa in test], k=k_max)
     return test, [[d for d, _ in h] for h in hits]
 
 
-def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[str]], model,
+def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[list[str]], model,
                tokenizer, model_id: str, out: Path, knowledge: Knowledge,
                clock: StageClock | None = None) -> dict:
     """Every mode of ``eval.modes`` on the test questions; PRAG modes first train the bank
     LoRAs of the documents retrieved for them (a second bank, ``bank-eval``)."""
     clock = clock or StageClock()
-    ev = config["eval"]
-    fmt = prompt_format(tokenizer, config["prompt"]["format"])
+    ev = config.eval
+    fmt = prompt_format(tokenizer, config.prompt.format)
     questions = [qa.question for qa in test]
     recall = {}
     if all("doc_id" in qa.meta for qa in test):
         recall = {f"recall@{k}": sum(qa.meta["doc_id"] in h[:k] for qa, h in zip(test, hits))
                   / len(test) for k in sorted({1, len(hits[0])})}
-    prag_k = max([parse_mode(m)[1] for m in ev["modes"] if m.startswith("prag")] + [0])
+    prag_k = max([parse_mode(m)[1] for m in ev.modes if m.startswith("prag")] + [0])
     if prag_k:
         needed = list(dict.fromkeys(d for h in hits for d in h[:prag_k]))
         with clock("augment"):
@@ -361,33 +314,19 @@ def stage_eval(config: dict, data: Data, test: list[QAExample], hits: list[list[
                                  tokenizer)
         with clock("bank"):
             knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / "bank-eval",
-                                                 bank_config(config), base_model=model_id,
+                                                 config.bank, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
     with clock("eval"):
         scores, predictions = evaluate(
-            model, tokenizer, ev["modes"], questions, [qa.answers for qa in test], hits,
-            knowledge, ev["max_new_tokens"], ev["batch_size"],
+            model, tokenizer, ev.modes, questions, [qa.answers for qa in test], hits,
+            knowledge, ev.max_new_tokens, ev.batch_size,
             progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"),
             fmt=fmt)
     samples = [{"question": qa.question, "gold": qa.answers[0],
-                **{m: predictions[m][i] for m in ev["modes"]}}
-               for i, qa in enumerate(test[:ev["samples"]])]
+                **{m: predictions[m][i] for m in ev.modes}}
+               for i, qa in enumerate(test[:ev.samples])]
     return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in scores.items()},
             "em": {m: s["em"] for m, s in scores.items()}, "samples": samples}
-
-
-def model_dtype(config: dict) -> str:
-    dtype = config["model"]["dtype"]
-    if dtype == "auto":
-        return "bfloat16" if torch.cuda.is_available() else "float32"
-    return dtype
-
-
-def model_device(config: dict) -> str:
-    device = config["model"]["device"]
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def table(results: dict) -> str:

@@ -26,14 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from dyprag.corpus import corpus_fingerprint, corpus_ids, iter_corpus
-from dyprag.embed import Embedder
-from dyprag.index import META, DenseIndex
+from dyprag.config import IndexConfig, choices
+from dyprag.corpus import corpus_fingerprint, corpus_ids
+from dyprag.dense_index import META, DenseIndex
+from dyprag.embed import Embedder, EmbeddingTable
 from dyprag.files import atomic_write_json, read_json
 from dyprag.sparse import BM25Index, Results, reciprocal_rank_fusion
 
 FORMAT = "dyprag-retriever"
-METHODS = ("dense", "bm25", "hybrid")
+METHODS = choices(IndexConfig, "method")
 EMBEDDINGS, EMBEDDINGS_META = "embeddings.npy", "embeddings.json"
 
 
@@ -61,6 +62,14 @@ class Retriever:
         self.bm25 = bm25
         self.embeddings = embeddings  # (N, dim) memmap of the doc embeddings, when built here
         self.fusion_depth = fusion_depth
+
+    def embedding_table(self) -> EmbeddingTable:
+        """The dense index's document vectors (rows in the index's id order), as the
+        translator's input (``translator.embedding: retriever``)."""
+        if self.embeddings is None or self.dense is None or self.embedder is None:
+            raise ValueError("translator.embedding 'retriever' needs a dense index "
+                             "(index.method dense or hybrid)")
+        return EmbeddingTable(self.dense.ids, self.embeddings, self.embedder.name)
 
     def __repr__(self) -> str:
         return f"Retriever({self.method!r}, dense={self.dense!r}, bm25={self.bm25!r})"

@@ -1,5 +1,8 @@
-"""A run directory, ``<run.root>/<run.name>/``: where a run's stages write, which run is the
-latest, and how a rerun replaces a finished run without ever breaking it.
+"""A run directory, ``<run.root>/<run.name>/``: what is where (the corpus, the questions and
+their test split, the base model, the stored document embeddings), which run is the latest,
+and how a rerun replaces a finished run without ever breaking it. The stages that write a run
+(``dyprag.pipeline``) and the code that reads one (``dyprag.trained_run``, ``evaluate.py``)
+both go through here.
 
 A run is *finished* once it holds ``eval.json``, written last together with ``config.yaml``
 (both describe the finished run, so neither is written before it finishes). A first attempt
@@ -27,8 +30,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from dyprag.files import atomic_dir
+from dyprag.config import Config
+from dyprag.files import atomic_dir, read_json
+from dyprag.qa import QAExample, load_qa
+
+if TYPE_CHECKING:
+    from dyprag.embed import EmbeddingTable
 
 FINISHED = "eval.json"
 DESCRIBES_THE_RUN = ("config.yaml", "eval.json")  # written last, when a run finishes
@@ -44,9 +53,75 @@ STAGE_PATHS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_PATHS)
 
 
-def run_dir(config: dict) -> Path:
+def run_dir(config: Config) -> Path:
     """The finished run's directory for ``config``."""
-    return Path(config["run"]["root"]) / config["run"]["name"]
+    return Path(config.run.root) / config.run.name
+
+
+# ---- what a run holds -------------------------------------------------------------------------
+def corpus_path(config: Config, run: Path) -> Path:
+    """The corpus the run retrieves from: the world's (generated into the run) or
+    ``data.corpus``."""
+    return run / "world" / "corpus.jsonl" if config.data.kind == "world" else Path(config.data.corpus)
+
+
+def questions(config: Config, run: Path) -> tuple[list[QAExample], list[QAExample]]:
+    """The run's ``(training, test)`` questions: the world's splits, or ``data.train_qa`` and
+    ``data.test_qa`` (the first ``data.train_questions`` / ``data.test_questions``). When the
+    two are one file (PRAG's dev sets), its first ``test_questions`` test and the next
+    ``train_questions`` train."""
+    data = config.data
+    n_train, n_test = data.train_questions, data.test_questions
+    if data.kind == "world":
+        return (load_qa(run / "world" / "qa_train.jsonl", limit=n_train),
+                load_qa(run / "world" / "qa_test.jsonl", limit=n_test))
+    for key in ("corpus", "train_qa", "test_qa"):
+        if not Path(getattr(data, key)).is_file():
+            raise FileNotFoundError(f"data.{key}: {getattr(data, key)} does not exist")
+    if Path(data.train_qa).resolve() == Path(data.test_qa).resolve():
+        if n_test is None:
+            raise ValueError("data.test_questions: required when train_qa and test_qa are "
+                             "the same file (the first ones test, the rest train)")
+        every = load_qa(data.test_qa, data.qa_format, None if n_train is None else n_test + n_train)
+        return every[n_test:], every[:n_test]
+    return (load_qa(data.train_qa, data.qa_format, n_train),
+            load_qa(data.test_qa, data.qa_format, n_test))
+
+
+def first(test: list[QAExample], limit: int | None) -> list[QAExample]:
+    """The evaluated questions of a test split: its first ``limit`` (``eval.limit``, or
+    evaluate.py's ``--limit``), never a training question."""
+    return test[:limit] if limit else test
+
+
+def world_model_id(base: Path) -> str:
+    """The id banks and translators record for the world's pretrained model in ``base``."""
+    return f"world:{read_json(base / 'pretrain.json')['fingerprint']}"
+
+
+def base_model(config: Config, run: Path) -> tuple[str, str]:
+    """``(path or hub id to load, model id recorded in banks and checkpoints)``: the world's
+    model pretrained into ``run/base``, or ``model.name``."""
+    if config.model.name == "world":
+        return str(run / "base"), world_model_id(run / "base")
+    return config.model.name, config.model.name
+
+
+def embedding_files(run: Path, source: str) -> tuple[Path, Path]:
+    """``(vectors .npy, meta .json)`` of the ``llm`` or ``tokens`` document embeddings stored
+    beside the index."""
+    return run / "index" / f"{source}-embeddings.npy", run / "index" / f"{source}-embeddings.json"
+
+
+def read_embeddings(run: Path, source: str) -> EmbeddingTable:
+    """The ``llm`` or ``tokens`` document embeddings stored in the run (memory-mapped)."""
+    import numpy as np
+
+    from dyprag.embed import EmbeddingTable
+
+    vectors, meta = embedding_files(run, source)
+    meta = read_json(meta)
+    return EmbeddingTable(meta["ids"], np.load(vectors, mmap_mode="r"), meta["embedder"])
 
 
 def is_finished(path: str | os.PathLike) -> bool:

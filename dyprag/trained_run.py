@@ -16,19 +16,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from dyprag.answer import EmbeddingTable, Knowledge, answer, mode_lora
+from dyprag import rundir
+from dyprag.answer import Knowledge, answer, mode_lora
 from dyprag.bank import BankSet, LoRABank
-from dyprag.config import load_config, parse_mode
+from dyprag.config import Config, load_config, parse_mode
 from dyprag.corpus import read_passages
-from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_lora
+from dyprag.embed import EmbeddingTable, document_encoder
 from dyprag.files import Unreadable
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.models import load_model
-from dyprag.pipeline import (model_device, model_dtype, retriever_embeddings, stored_embeddings,
-                             translator_encoder, world_model_id)
 from dyprag.prompts import prompt_format
 from dyprag.retrieval import Retriever, load_retriever
-from dyprag.rundir import owning_stage
 from dyprag.translator import load_translator
 
 
@@ -37,12 +37,12 @@ class RunError(ValueError):
 
 
 class TrainedRun:
-    def __init__(self, path: Path, config: dict, model, tokenizer, model_id: str,
+    def __init__(self, path: Path, config: Config, model, tokenizer, model_id: str,
                  retriever: Retriever, knowledge: Knowledge, corpus: Path):
         self.path, self.config = path, config
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
         self.retriever, self.knowledge, self.corpus = retriever, knowledge, corpus
-        self.fmt = prompt_format(tokenizer, config["prompt"]["format"])
+        self.fmt = prompt_format(tokenizer, config.prompt.format)
 
     @classmethod
     def open(cls, path: str | Path, device: str | None = None) -> TrainedRun:
@@ -50,7 +50,7 @@ class TrainedRun:
         try:
             return cls._open(path, device)
         except Unreadable as err:
-            stage = owning_stage(err.path, path)
+            stage = rundir.owning_stage(err.path, path)
             raise RunError(f"{err}; make it again with `python train.py --config "
                            f"{path / 'config.yaml'} --rebuild {stage}`" if stage else str(err)
                            ) from None
@@ -62,15 +62,10 @@ class TrainedRun:
                 raise RunError(f"{path} is not a finished run: {need} is missing "
                                "(train it with `python train.py`, or resume it)")
         config = load_config(path / "config.yaml")
-        if config["model"]["name"] == "world":
-            load_path = path / "base"
-            model_id = world_model_id(load_path)
-        else:
-            load_path = model_id = config["model"]["name"]
-        corpus = (path / "world" / "corpus.jsonl" if config["data"]["kind"] == "world"
-                  else Path(config["data"]["corpus"]))
-        model, tokenizer = load_model(load_path, dtype=model_dtype(config),
-                                      device=device or model_device(config))
+        load_path, model_id = rundir.base_model(config, path)
+        corpus = rundir.corpus_path(config, path)
+        model, tokenizer = load_model(load_path, dtype=config.model.dtype,
+                                      device=device or config.model.device)
         translator, meta = load_translator(path / "translator", model_id,
                                            inject_lora(model).shapes, device=model.device)
         retriever = load_retriever(path / "index")
@@ -115,21 +110,20 @@ class TrainedRun:
         self.fetch_passages({d for h in hits for d in h})
         if name.startswith("dyprag"):
             self.ensure_embeddings({d for h in hits for d in h})
-        ev = self.config["eval"]
+        ev = self.config.eval
         return answer(self.model, self.tokenizer, mode, questions, hits, self.knowledge,
-                      ev["max_new_tokens"] if max_new_tokens is None else max_new_tokens,
-                      ev["batch_size"] if batch_size is None else batch_size,
-                      self.fmt)
+                      ev.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                      ev.batch_size if batch_size is None else batch_size, self.fmt)
 
     def ensure_embeddings(self, doc_ids: set[str]) -> None:
         """LLM embeddings are stored for the documents training and eval needed; others are
         computed here, once (retriever embeddings cover the whole corpus)."""
         table = self.knowledge.embeddings
         missing = sorted(d for d in doc_ids if d not in table.row)
-        if missing and self.config["translator"]["embedding"] != "retriever":
+        if missing and self.config.translator.embedding != "retriever":
             self.fetch_passages(set(missing))
-            encoder = translator_encoder(self.config, self.retriever, self.model, self.tokenizer,
-                                         self.model_id)
+            encoder = document_encoder(self.config.translator.embedding, self.model,
+                                       self.tokenizer, self.model_id)
             vectors = encoder.encode([self.knowledge.passages[d] for d in missing])
             self.knowledge.embeddings = table.extended(missing, vectors)
 
@@ -145,10 +139,10 @@ def _embeddings(path: Path, meta: dict, retriever: Retriever) -> EmbeddingTable:
     """The table the translator was trained on: the index's vectors or the stored LLM ones."""
     source = meta.get("embedding")
     if source in ("llm", "tokens"):
-        return stored_embeddings(path / "index", source)
+        return rundir.read_embeddings(path, source)
     if retriever.embeddings is None or retriever.embedder is None:
         raise RunError(f"{path}: the translator reads retriever embeddings, but the index has none")
     if meta.get("embedder") not in (None, retriever.embedder.name):
         raise RunError(f"translator in {path} was trained on {meta['embedder']} embeddings, the "
                        f"index holds {retriever.embedder.name}'s")
-    return retriever_embeddings(retriever)
+    return retriever.embedding_table()

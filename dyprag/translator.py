@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from dyprag.config import TranslatorConfig, choices
 from dyprag.files import atomic_write_json, read_meta, read_safetensors
 from dyprag.lora import Key, LoRA
 from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
 
-ARCHITECTURES = ("per_layer", "shared", "linear")
+ARCHITECTURES = choices(TranslatorConfig, "architecture")
 
 
 def _head(hidden: int, rank: int, in_features: int, out_features: int) -> nn.Linear:

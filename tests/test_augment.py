@@ -6,12 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+from test_world import CONFIG
 
-from dyprag.augment import (AugmentedDoc, LLMAugmenter, TemplateAugmenter, augment_corpus,
-                            parse_qa, read_augmented)
+from dyprag.augment import (
+    AugmentedDoc,
+    LLMAugmenter,
+    TemplateAugmenter,
+    augment_corpus,
+    parse_qa,
+    read_augmented,
+)
 from dyprag.corpus import Passage, iter_corpus
 from dyprag.world import generate_world, load_schema
-from test_world import CONFIG
 
 PASSAGES = [Passage("d1", "", "Idris Kael was born in Velmora."),
             Passage("d2", "", "Tamsin Reole works for Halvex.")]
@@ -131,8 +137,9 @@ def test_template_augmenter_refuses_test_phrasings(world, tmp_path):
 
 
 def test_llm_augmenter_on_a_random_model_counts_failures_and_finishes(tmp_path):
-    from dyprag.pretrain import build_tokenizer
     from conftest import tiny_model
+
+    from dyprag.world_base import build_tokenizer
 
     tokenizer = build_tokenizer([p.text for p in PASSAGES] + ["Rewrite JSON"])
     model = tiny_model(vocab_size=len(tokenizer))
@@ -142,8 +149,9 @@ def test_llm_augmenter_on_a_random_model_counts_failures_and_finishes(tmp_path):
 
 
 def test_llm_augmenter_wraps_prompts_in_the_chat_template_when_there_is_one():
-    from dyprag.pretrain import build_tokenizer
     from conftest import tiny_model
+
+    from dyprag.world_base import build_tokenizer
 
     tokenizer = build_tokenizer(["user says hi"])
     model = tiny_model(vocab_size=len(tokenizer))

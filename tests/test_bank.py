@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import tiny_model
 from torch.testing import assert_close
 
 import dyprag.bank as bank_mod
 from dyprag.augment import AugmentedDoc
-from dyprag.bank import BankConfig, LoRABank, build_bank, document_examples
+from dyprag.bank import BankConfig, LoRABank, build_bank
+from dyprag.config import load_config
+from dyprag.examples import document_examples
+from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.lora import combine
-from dyprag.pretrain import build_tokenizer
-from dyprag.prompts import generate_answers, qa_prompt
-from conftest import tiny_model
+from dyprag.prompts import qa_prompt
+from dyprag.world_base import build_tokenizer
 
 DOCS = [
     AugmentedDoc("d0", "Idris Kael was born in Velmora.", ["Velmora is where Idris Kael was born."],
@@ -40,7 +44,9 @@ DOCS = [
                   {"question": "Orrin Lisle is an expert in what?", "answer": "botany"},
                   {"question": "Field of Orrin Lisle?", "answer": "botany"}]),
 ]
-CONFIG = BankConfig(rank=2, alpha=8.0, lr=5e-2, epochs=2, docs_per_step=8, shard_size=2)
+# PRAG's examples per document (2 QA × {passage, rewrite} + 1 closed-book), a fast recipe.
+CONFIG = BankConfig(rank=2, alpha=8.0, lr=5e-2, epochs=2, docs_per_step=8, shard_size=2,
+                    qa_with_passage=2, qa_closed_book=1, text=False)
 
 
 def setup(seed: int = 0, dtype: torch.dtype = torch.float32):
@@ -59,12 +65,15 @@ def all_loras(path):
 
 def test_prag_examples_two_qa_with_each_text_and_one_closed_book():
     _, tokenizer = setup()
-    examples = document_examples(DOCS[0], BankConfig(), tokenizer)
+    prag = load_config(Path(__file__).resolve().parents[1] / "configs" / "base" / "paper.yaml",
+                       complete=False).bank
+    examples = document_examples(DOCS[0], prag, tokenizer)
     assert len(examples) == 5
     assert sum(ex[0][0].startswith("Passage:") for ex in examples) == 4
     assert examples[-1][0] == (qa_prompt("Birthplace of Idris Kael?"), False)
     assert examples[-1][1] == (" Velmora</s>", True)
-    whole = document_examples(DOCS[0], BankConfig(loss_on="all", text=True), tokenizer)
+    whole = document_examples(DOCS[0], dataclasses.replace(prag, loss_on="all", text=True),
+                              tokenizer)
     assert len(whole) == 7 and all(trained for ex in whole for _, trained in ex)
 
 

@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from dyprag.config import DEFAULTS, load_config, parse_override
+from dyprag.config import Config, dump, load_config, parse_override
 from dyprag.world import load_schema
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -31,42 +32,78 @@ def test_the_world_schema_loads():
 
 def test_the_real_model_world_config_uses_the_packaged_chat_model():
     config = load_config(CONFIGS / "smollm2-world.yaml")
-    assert config["run"]["name"] == "smollm2-world"
-    assert (config["data"]["kind"], config["model"]["name"]) == ("world", "smollm2-135m-instruct")
-    assert (config["prompt"]["format"], config["augment"]["method"]) == ("chat", "llm")
+    assert config.run.name == "smollm2-world"
+    assert (config.data.kind, config.model.name) == ("world", "smollm2-135m-instruct")
+    assert (config.prompt.format, config.augment.method) == ("chat", "llm")
     assert {"vanilla", "rag@1", "prag@1", "dyprag@1", "prag+rag@1", "dyprag+rag@1", "rag@3",
-            "prag@3", "dyprag@3", "dyprag+rag@3"} <= set(config["eval"]["modes"])
+            "prag@3", "dyprag@3", "dyprag+rag@3"} <= set(config.eval.modes)
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.name)
 def test_run_config_loads_and_validates(path):
     config = load_config(path)
-    assert config["data"]["kind"] == "qa" and config["model"]["name"] != "world"
-    assert config["run"]["name"] == path.stem  # outputs never collide between configs
+    assert config.data.kind == "qa" and config.model.name != "world"
+    assert config.run.name == path.stem  # outputs never collide between configs
     # PRAG / DyPRAG hyperparameters unless the file says otherwise.
-    assert (config["bank"]["rank"], config["bank"]["alpha"]) == (2, 32.0)
-    assert config["bank"]["epochs"] == (2 if "popqa" in path.name else 1)
-    assert (config["train"]["w_lm"], config["train"]["w_kl"], config["train"]["w_mse"]) == \
+    assert (config.bank.rank, config.bank.alpha) == (2, 32.0)
+    assert config.bank.epochs == (2 if "popqa" in path.name else 1)
+    assert (config.train.w_lm, config.train.w_kl, config.train.w_mse) == \
         (1.0, 0.01, 100.0)
-    assert config["train"]["lr"] == 1e-5
-    assert config["prompt"]["format"] == "chat"  # instruct models, asked through their template
+    assert config.train.lr == 1e-5
+    assert config.prompt.format == "chat"  # instruct models, asked through their template
 
 
-@pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)
-def test_base_config_loads(path):
-    load_config(path, complete=False)
+def _leaves(mapping: dict, prefix: str = ""):
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
-def test_defaults_are_the_world_job():
-    assert load_config() == DEFAULTS
+@pytest.mark.parametrize("path", BASES + RUNNABLE, ids=lambda p: p.name)
+def test_every_value_a_file_sets_is_the_loaded_value(path):
+    config = load_config(path, complete=path not in BASES).to_dict()
+    text = yaml.safe_load(path.read_text())
+    text.pop("base", None)
+    for name, value in _leaves(text):
+        loaded = config
+        for part in name.split("."):
+            loaded = loaded[part]
+        assert loaded == value, name
+
+
+def test_the_printed_config_loads_back_as_the_same_config(tmp_path):
+    config = load_config(CONFIGS / "smollm2-world.yaml", ["model.pretrain.epochs=2"])
+    (tmp_path / "printed.yaml").write_text(dump(config))
+    assert load_config(tmp_path / "printed.yaml") == config
+    assert load_config() == Config()  # no file: the default job
+
+
+def test_nested_sections_are_checked_like_the_others():
+    with pytest.raises(ValueError) as err:
+        load_config(None, ["model.pretrain.hiden_size=3", "model.pretrain.epochs=0",
+                           "bank.rank=0", "wandb.mode=loud"])
+    for culprit in ("model.pretrain.hiden_size: unknown key", "model.pretrain.epochs: must be ≥ 1",
+                    "bank.rank: must be ≥ 1", "wandb.mode: must be one of (None, 'offline'"):
+        assert culprit in str(err.value)
+
+
+def test_modules_take_their_choices_from_the_config():
+    from dyprag import retrieval, translator
+    from dyprag.config import IndexConfig, TranslatorConfig, choices
+
+    assert translator.ARCHITECTURES == choices(TranslatorConfig, "architecture") == (
+        "per_layer", "shared", "linear")
+    assert retrieval.METHODS == choices(IndexConfig, "method")
 
 
 def test_overrides_parse_yaml_values_and_short_floats():
     config = load_config(None, ["train.lr=2e-3", "eval.modes=[vanilla,dyprag@1]",
                                 "data.test_questions=5", "wandb.name=x"])
-    assert config["train"]["lr"] == 2e-3
-    assert config["eval"]["modes"] == ["vanilla", "dyprag@1"]
-    assert config["data"]["test_questions"] == 5 and config["wandb"]["name"] == "x"
+    assert config.train.lr == 2e-3
+    assert config.eval.modes == ["vanilla", "dyprag@1"]
+    assert config.data.test_questions == 5 and config.wandb.name == "x"
     assert parse_override("model.pretrain.epochs=2") == {"model": {"pretrain": {"epochs": 2}}}
 
 
@@ -102,12 +139,12 @@ def test_qa_runs_need_data_and_a_real_model():
 
 
 def test_extra_documents_count_is_checked_and_a_qa_job_keeps_the_default():
-    assert load_config(None, ["data.extra_docs=10"])["data"]["extra_docs"] == 10
+    assert load_config(None, ["data.extra_docs=10"]).data.extra_docs == 10
     with pytest.raises(ValueError, match="data.extra_docs"):
         load_config(None, ["data.extra_docs=-1"])
     qa = load_config(None, ["data.kind=qa", "data.corpus=c", "data.train_qa=t",
                             "data.test_qa=t", "model.name=m"])  # ignored there: world only
-    assert qa["data"]["extra_docs"] > 0
+    assert qa.data.extra_docs > 0
 
 
 def test_template_augmentation_is_refused_for_a_qa_dataset():

@@ -5,19 +5,19 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import tiny_model
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
 from dyprag.augment import AugmentedDoc
-from dyprag.bank import document_examples
 from dyprag.config import load_config
 from dyprag.distill import DistillationData, TranslatorDistillation
+from dyprag.examples import document_examples
+from dyprag.fit import translator_recipe
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
-from dyprag.pretrain import build_tokenizer
-from dyprag.training import translator_recipe
 from dyprag.translator import ParameterTranslator
-from conftest import tiny_model
+from dyprag.world_base import build_tokenizer
 
 EXAMPLES = [[[("Question: Where was Idris born? Answer:", False), (" Velmora </s>", True)],
              [("Idris was born in Velmora .", True)]],

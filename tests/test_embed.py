@@ -45,11 +45,11 @@ def test_embed_corpus_matches_encode(embedder, tmp_path):
 
 def test_llm_embedder_takes_the_last_real_tokens_state_and_fills_a_corpus_file(tmp_path):
     import torch
+    from conftest import tiny_model
 
     from dyprag.corpus import Passage, write_corpus_jsonl
     from dyprag.embed import LLMEmbedder
-    from dyprag.pretrain import build_tokenizer
-    from conftest import tiny_model
+    from dyprag.world_base import build_tokenizer
 
     texts = ["Idris Kael was born in Velmora .", "Velmora", "Tamsin Reole works for Halvex ."]
     tokenizer = build_tokenizer(texts)
@@ -70,10 +70,10 @@ def test_llm_embedder_takes_the_last_real_tokens_state_and_fills_a_corpus_file(t
 
 def test_token_mean_embedder_is_the_mean_input_embedding_of_each_passage():
     import torch
+    from conftest import tiny_model
 
     from dyprag.embed import TokenMeanEmbedder
-    from dyprag.pretrain import build_tokenizer
-    from conftest import tiny_model
+    from dyprag.world_base import build_tokenizer
 
     texts = ["Idris Kael was born in Velmora .", "Velmora"]
     tokenizer = build_tokenizer(texts)

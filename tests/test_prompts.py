@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from dyprag.config import PROMPT_FORMATS
-from dyprag.pretrain import build_tokenizer
 from dyprag.prompts import FORMATS, PLAIN, PRAG_INSTRUCTION, PromptFormat, prompt_format, qa_prompt
+from dyprag.world_base import build_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")

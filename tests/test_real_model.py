@@ -8,14 +8,14 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import random_lora
+from test_inject import _peft_twin
 from torch.testing import assert_close
 
-from conftest import random_lora
-from dyprag.evaluate import mode_prompts
+from dyprag.answer import mode_prompts
 from dyprag.inject import inject_lora
 from dyprag.models import find_ffn_targets, load_model, model_cache, packaged_gguf
 from dyprag.prompts import prompt_format
-from test_inject import _peft_twin
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"

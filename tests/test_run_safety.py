@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from torch.testing import assert_close
 
 import infer
@@ -118,7 +117,7 @@ def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
 KILLER = """
 import os, signal, sys
 import pytorch_lightning as pl
-from dyprag import pipeline, training
+from dyprag import fit, pipeline
 from dyprag.config import load_config
 
 class Kill(pl.Callback):  # SIGKILL mid-epoch 1, after epoch 0's checkpoint
@@ -126,7 +125,7 @@ class Kill(pl.Callback):  # SIGKILL mid-epoch 1, after epoch 0's checkpoint
         if trainer.current_epoch == 1 and index == 2:
             os.kill(os.getpid(), signal.SIGKILL)
 
-fit = training.fit_translator
+fit = fit.fit_translator
 kill = sys.argv[1] == "kill"
 pipeline.fit_translator = lambda *a, **kw: fit(*a, **kw, callbacks=[Kill()] if kill else [])
 pipeline.run(load_config(sys.argv[2], sys.argv[3:]))
@@ -187,10 +186,10 @@ def test_a_truncated_bank_shard_is_named_with_the_stage_to_rebuild(copy, capsys)
 
 
 def test_a_truncated_resume_checkpoint_starts_the_fit_over(copy, capsys, monkeypatch):
-    from dyprag import pipeline, training
+    from dyprag import fit, pipeline
 
     args, run = copy
-    fit = training.fit_translator
+    fit = fit.fit_translator
 
     class Crash(Exception):
         pass

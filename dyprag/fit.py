@@ -1,12 +1,10 @@
-"""The translator stage of ``train.py``: a Lightning fit with loggers, checkpoints and resume.
+"""The translator stage of ``train.py``: a Lightning fit with checkpoints and resume.
 
     translator = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out)
 
 - data: the bank's documents split into training and held-out ones (``data.val_fraction``,
   seeded); each row is (document embedding, bank LoRA, one augmented training example);
-- logs: CSV (``<run>/logs/version_N/metrics.csv``, a new ``N`` for every attempt: a rerun or a
-  resume adds one, nothing is deleted) and W&B (``<run>/wandb/``, one run per attempt, offline
-  unless the user configured W&B or set ``wandb.mode=online``);
+- logs: the run's loggers (``dyprag.loggers``: CSV and W&B);
 - checkpoints: Lightning's ``<run>/lightning/last.ckpt`` (translator and optimizer only) for
   resuming, then the translator as safetensors + ``meta.json`` in ``<run>/translator/``;
 - caching: a finished translator whose fingerprint matches is loaded, not retrained.
@@ -14,12 +12,8 @@
 
 from __future__ import annotations
 
-import copy
-import csv
 import dataclasses
-import io
 import math
-import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -29,29 +23,27 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers import Logger, WandbLogger
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dyprag.augment import AugmentedDoc
-from dyprag.bank import BankConfig, LoRABank, document_examples
-from dyprag.config import bank_config
+from dyprag.bank import BankConfig, LoRABank
+from dyprag.config import Config
 from dyprag.distill import (
     DistillationData,
     DistillationDataModule,
     TranslatorDistillation,
     ValidationQuestions,
 )
-from dyprag.evaluate import EmbeddingTable
-from dyprag.files import Unreadable, atomic_write_json, atomic_write_text, fingerprint, read_json
+from dyprag.embed import EmbeddingTable
+from dyprag.examples import document_examples
+from dyprag.files import Unreadable, atomic_write_json, fingerprint, is_cached, read_json
+from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
+from dyprag.loggers import make_loggers
 from dyprag.metrics import score
-from dyprag.prompts import PLAIN, PromptFormat, generate_answers, prompt_format
+from dyprag.prompts import PLAIN, PromptFormat, prompt_format
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
-
-
-def is_rank_zero() -> bool:
-    """True outside multi-process runs and in their first process (Lightning's launcher sets
-    LOCAL_RANK in the others before they re-run the script)."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 @dataclass
@@ -72,17 +64,17 @@ def split_documents(docs: list[AugmentedDoc], val_fraction: float,
             [d for i, d in enumerate(docs) if i in held])
 
 
-def translator_recipe(config: dict) -> BankConfig:
+def translator_recipe(config: Config) -> BankConfig:
     """The translator's training examples per document: the bank's QA recipe, plus
     (``train.qa_with_passage``) QA asked with the passage in the prompt (the generated LoRA
     must also leave reading intact: DyPRAG+context) and, with ``train.passage_lm``, the
     passage's own text (DyPRAG's translator trains on the QA only)."""
-    bank = bank_config(config)
-    return dataclasses.replace(bank, text=config["train"]["passage_lm"], qa_with_passage=max(
-        bank.qa_with_passage, config["train"]["qa_with_passage"]))
+    bank = config.bank
+    return dataclasses.replace(bank, text=config.train.passage_lm, qa_with_passage=max(
+        bank.qa_with_passage, config.train.qa_with_passage))
 
 
-def _data(docs: list[AugmentedDoc], config: dict, tokenizer, fmt: PromptFormat,
+def _data(docs: list[AugmentedDoc], config: Config, tokenizer, fmt: PromptFormat,
           lora_bank: LoRABank, embeddings: EmbeddingTable,
           extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
@@ -119,79 +111,54 @@ def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], lim
                                   fmt=fmt), q.answers)["f1"]
 
 
-def wandb_mode(config: dict) -> str:
-    """``wandb.mode``, else WANDB_MODE, else online only when the user has an API key; also
-    made the process's W&B mode (WANDB_MODE): W&B's telemetry follows the process's settings,
-    not the run's, and otherwise probes W&B's servers from an offline run."""
-    mode = config["wandb"]["mode"] or os.environ.get("WANDB_MODE") or (
-        "online" if os.environ.get("WANDB_API_KEY") else "offline")
-    os.environ["WANDB_MODE"] = mode
-    return mode
-
-
-def make_loggers(config: dict, out: Path) -> list[Logger]:
-    """CSV always (a new ``logs/version_N/`` per attempt: Lightning's CSV logger deletes the
-    metrics file of the directory it is given); W&B unless ``wandb.mode`` is 'disabled'.
-    Offline unless asked for online or the user configured W&B (WANDB_MODE / WANDB_API_KEY),
-    so nothing probes the network."""
-    loggers: list[Logger] = [CSVLogger(out, name="logs")]
-    w, mode = config["wandb"], wandb_mode(config)
-    if mode != "disabled":
-        loggers.append(WandbLogger(project=w["project"], name=w["name"] or config["run"]["name"],
-                                   save_dir=str(out), offline=mode != "online",
-                                   config=copy.deepcopy(config)))
-    return loggers
-
-
-def _fingerprint(config: dict, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
+def _fingerprint(config: Config, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
                  train: list[AugmentedDoc], val: list[AugmentedDoc], extra: list[str]) -> str:
-    keep = {k: v for k, v in config["train"].items()
+    keep = {k: v for k, v in dataclasses.asdict(config.train).items()
             if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
-    parts = [config["translator"], keep, bank.meta["fingerprint"], model_id,
-             config["run"]["seed"], [d.doc_id for d in train], [d.doc_id for d in val],
+    parts = [dataclasses.asdict(config.translator), keep, bank.meta["fingerprint"], model_id,
+             config.run.seed, [d.doc_id for d in train], [d.doc_id for d in val],
              float(embeddings.get([d.doc_id for d in train[:8]]).sum()), embeddings.name, extra]
     return fingerprint(parts)
 
 
-def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
+def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
                    embeddings: EmbeddingTable, model_id: str, out: Path,
                    callbacks: list[pl.Callback] = (), extra: Sequence[AugmentedDoc] = ()) -> Fitted:
     """Fit (or load, or resume) the translator on ``docs`` (with bank LoRAs) and ``extra``
     documents (LM term only; every embedding must be in ``embeddings``)."""
-    train_docs, val_docs = split_documents(docs, config["data"]["val_fraction"],
-                                           config["run"]["seed"])
+    train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.run.seed)
     key = _fingerprint(config, bank, embeddings, model_id, train_docs, val_docs,
                        [d.text for d in extra])
     saved, ckpt_dir = out / "translator", out / "lightning"
     loggers = make_loggers(config, out)
     shapes = inject_lora(model).shapes
-    if (saved / "meta.json").is_file() and read_json(saved / "meta.json").get("fingerprint") == key:
+    if is_cached(saved / "meta.json", key):
         translator, _ = load_translator(saved, model_id, shapes, device=model.device)
-        return Fitted(translator, loggers, is_rank_zero())
+        return Fitted(translator, loggers, rank_zero_only.rank == 0)
 
-    t, tr = config["translator"], config["train"]
-    pl.seed_everything(config["run"]["seed"], verbose=False)
+    t, tr = config.translator, config.train
+    pl.seed_everything(config.run.seed, verbose=False)
     translator = ParameterTranslator(shapes, embeddings.dim, bank.rank, bank.meta["alpha"],
-                                     t["architecture"], t["hidden"], t["target_embed_dim"])
-    system = TranslatorDistillation(model, translator, lr=tr["lr"], weight_decay=tr["weight_decay"],
-                                    warmup_steps=tr["warmup_steps"], total_steps=None,
-                                    w_lm=tr["w_lm"], w_kl=tr["w_kl"], w_mse=tr["w_mse"],
-                                    mse_space=tr["mse_space"])
-    fmt = prompt_format(tokenizer, config["prompt"]["format"])
-    system.val_qa = _validation_questions(val_docs, tr["val_questions"], tokenizer, embeddings,
+                                     t.architecture, t.hidden, t.target_embed_dim)
+    system = TranslatorDistillation(model, translator, lr=tr.lr, weight_decay=tr.weight_decay,
+                                    warmup_steps=tr.warmup_steps, total_steps=None,
+                                    w_lm=tr.w_lm, w_kl=tr.w_kl, w_mse=tr.w_mse,
+                                    mse_space=tr.mse_space)
+    fmt = prompt_format(tokenizer, config.prompt.format)
+    system.val_qa = _validation_questions(val_docs, tr.val_questions, tokenizer, embeddings,
                                           fmt)
     datamodule = DistillationDataModule(
         tokenizer, _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
         _data(val_docs, config, tokenizer, fmt, bank, embeddings) if val_docs else None,
-        tr["batch_size"], tr["num_workers"], seed=config["run"]["seed"])
+        tr.batch_size, tr.num_workers, seed=config.run.seed)
 
     resume = _resume_point(ckpt_dir, key)
     trainer = pl.Trainer(
-        max_epochs=tr["epochs"], accelerator=tr["accelerator"], devices=tr["devices"],
-        strategy=tr["strategy"], precision=_precision(tr["precision"]),
-        gradient_clip_val=tr["gradient_clip"], logger=loggers,
-        log_every_n_steps=min(tr["log_every_n_steps"],
-                              max(1, math.ceil(len(datamodule.train) / tr["batch_size"]))),
+        max_epochs=tr.epochs, accelerator=tr.accelerator, devices=tr.devices,
+        strategy=tr.strategy, precision=_precision(tr.precision),
+        gradient_clip_val=tr.gradient_clip, logger=loggers,
+        log_every_n_steps=min(tr.log_every_n_steps,
+                              max(1, math.ceil(len(datamodule.train) / tr.batch_size))),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
                                    every_n_epochs=1), *callbacks],
         enable_model_summary=False, num_sanity_val_steps=0)
@@ -206,14 +173,14 @@ def fit_translator(config: dict, model, tokenizer, docs: list[AugmentedDoc], ban
         raise
     if trainer.is_global_zero:
         translator.eval()
-        fit = {name: fit_f1(model, translator, group, tr["val_questions"], tokenizer, embeddings,
-                            fmt, config["eval"]["max_new_tokens"])
+        fit = {name: fit_f1(model, translator, group, tr.val_questions, tokenizer, embeddings,
+                            fmt, config.eval.max_new_tokens)
                for name, group in (("seen", train_docs), ("held_out", val_docs))}
         save_translator(translator, saved, {
-            "base_model": model_id, "embedding": config["translator"]["embedding"],
+            "base_model": model_id, "embedding": config.translator.embedding,
             "embedder": embeddings.name,
             "embedding_dim": embeddings.dim, "fingerprint": key, "bank": bank.meta["fingerprint"],
-            "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr["epochs"],
+            "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr.epochs,
             "dyprag_f1": fit})
     return Fitted(translator.eval(), loggers, trainer.is_global_zero)
 
@@ -237,7 +204,7 @@ def _resume_point(ckpt_dir: Path, key: str) -> str | None:
         same = False
     if same:
         return str(last)
-    if ckpt_dir.exists() and is_rank_zero():
+    if ckpt_dir.exists() and rank_zero_only.rank == 0:
         shutil.rmtree(ckpt_dir)
     return None
 
@@ -246,30 +213,3 @@ def _precision(precision: str) -> str:
     if precision == "auto":
         return "bf16-mixed" if torch.cuda.is_available() else "32-true"
     return precision
-
-
-def log_results(loggers: list[Logger], results: dict) -> None:
-    """Eval F1/EM by mode into every logger; the sample answers as a W&B table and as
-    ``samples.csv`` beside the CSV logger's ``metrics.csv``."""
-    metrics = {f"eval/{m}/{mode}": v for m in ("f1", "em") for mode, v in results[m].items()}
-    metrics.update({f"eval/translator_fit_f1/{k}": v
-                    for k, v in results.get("translator_fit_f1", {}).items() if v is not None})
-    samples = results["samples"]
-    columns = list(samples[0]) if samples else []
-    for logger in loggers:
-        logger.log_metrics(metrics)
-        if isinstance(logger, WandbLogger) and samples:
-            logger.log_table("eval/samples", columns=columns,
-                             data=[[str(s[c]) for c in columns] for s in samples])
-            logger.experiment.summary.update(metrics)
-        logger.save()
-        logger.finalize("success")
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()  # flushes the run file; a later run starts a new one
-    csv_dirs = [Path(logger.log_dir) for logger in loggers if isinstance(logger, CSVLogger)]
-    if samples and csv_dirs:
-        text = io.StringIO(newline="")
-        writer = csv.DictWriter(text, columns)
-        writer.writeheader()
-        writer.writerows(samples)
-        atomic_write_text(csv_dirs[0] / "samples.csv", text.getvalue())

@@ -19,49 +19,19 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from torch import Tensor
 
 from dyprag.bank import BankSet, LoRABank
 from dyprag.config import parse_mode
+from dyprag.embed import EmbeddingTable
+from dyprag.generate import generate_answers
 from dyprag.lora import LoRA, sum_groups
 from dyprag.metrics import score
-from dyprag.prompts import PLAIN, PromptFormat, generate_answers
+from dyprag.prompts import PLAIN, PromptFormat
 from dyprag.translator import ParameterTranslator
 
 Hits = Sequence[Sequence[str]]
 """Per question, the retrieved document ids, best first."""
-
-
-@dataclass
-class EmbeddingTable:
-    """Document id → the translator's input embedding (rows of a stored ``(N, D)`` array)."""
-
-    ids: list[str]
-    vectors: np.ndarray
-    name: str = ""  # the embedder: checkpoints record it, so a mismatch can be refused
-
-    def __post_init__(self) -> None:
-        if len(self.ids) != len(self.vectors):
-            raise ValueError(f"{len(self.ids)} document ids but {len(self.vectors)} embeddings")
-        self.row = {doc_id: i for i, doc_id in enumerate(self.ids)}
-
-    @property
-    def dim(self) -> int:
-        return int(self.vectors.shape[1])
-
-    def extended(self, ids: Sequence[str], vectors: np.ndarray) -> EmbeddingTable:
-        """This table plus rows for ``ids`` (e.g. passages embedded at query time)."""
-        return EmbeddingTable([*self.ids, *ids], np.concatenate([self.vectors, vectors]),
-                              self.name)
-
-    def get(self, doc_ids: Sequence[str]) -> Tensor:
-        missing = [d for d in doc_ids if d not in self.row]
-        if missing:
-            raise KeyError(f"no stored embedding for documents {missing[:5]}")
-        return torch.from_numpy(np.asarray(self.vectors[[self.row[d] for d in doc_ids]],
-                                           dtype=np.float32))
 
 
 @dataclass

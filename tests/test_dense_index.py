@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dyprag.index import DenseIndex, hits_to_ids
+from dyprag.dense_index import DenseIndex, hits_to_ids
 
 N, D = 200, 16
 ORIGIN = {"embedder": "test-embedder", "corpus_fingerprint": "abc123"}
@@ -62,7 +62,7 @@ def test_memmap_input_added_in_chunks(data, tmp_path, monkeypatch):
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=emb.shape)
     mm[:] = emb
     mm.flush()
-    monkeypatch.setattr("dyprag.index._ADD_CHUNK", 64)  # 200 rows → 4 add calls
+    monkeypatch.setattr("dyprag.dense_index._ADD_CHUNK", 64)  # 200 rows → 4 add calls
     index = DenseIndex.build(np.load(path, mmap_mode="r"), ids, "IVF4,Flat", search_params={"nprobe": 4})
     assert len(index) == N
     _, hit_ids = index.search(queries, k=3)

@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
-from dyprag.files import atomic_write_json, read_json
+from dyprag.files import atomic_path, atomic_write_json, atomic_write_jsonl, read_json
 
 FORMAT = "dyprag-dense-index"
 INDEX_FILE, IDS_FILE, META = "index.faiss", "ids.txt", "meta.json"
@@ -45,10 +45,7 @@ _TORCH_SCORES = 1 << 28  # float32 entries of the (Q_batch, N) score matrix on t
 
 def write_ids(path: Path, ids: list[str]) -> None:
     """One JSON string per line (ids may hold tabs or newlines), temp file + rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(str(pid), ensure_ascii=False) + "\n" for pid in ids)
-    os.replace(tmp, path)
+    atomic_write_jsonl(path, (str(pid) for pid in ids))
 
 
 def read_ids(path: Path) -> list[str]:
@@ -215,9 +212,8 @@ class DenseIndex:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         (out / META).unlink(missing_ok=True)
-        tmp = out / (INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, out / INDEX_FILE)
+        with atomic_path(out / INDEX_FILE) as tmp:
+            faiss.write_index(self.index, str(tmp))
         write_ids(out / IDS_FILE, self.ids)
         atomic_write_json(out / META, self.meta)
         return out

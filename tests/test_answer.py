@@ -1,4 +1,4 @@
-"""dyprag.evaluate: per-mode prompts and knowledge, DyPRAG's sum of generated deltas."""
+"""dyprag.answer: per-mode prompts and knowledge, DyPRAG's sum of generated deltas."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import torch
 from conftest import tiny_model
 from torch.testing import assert_close
 
+from dyprag.answer import EmbeddingTable, Knowledge, answer, mode_prompts, translated
 from dyprag.config import parse_mode
-from dyprag.evaluate import EmbeddingTable, Knowledge, answer, mode_prompts, translated
+from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.lora import combine
-from dyprag.pretrain import build_tokenizer
-from dyprag.prompts import generate_answers, qa_prompt
+from dyprag.prompts import qa_prompt
 from dyprag.translator import ParameterTranslator
+from dyprag.world_base import build_tokenizer
 
 PASSAGES = {"a": "Idris was born in Velmora .", "b": "Tamsin works for Halvex .",
             "c": "Orrin studied at Aldergate ."}

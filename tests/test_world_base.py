@@ -1,4 +1,4 @@
-"""dyprag.pretrain: tokenizer, training sequences, and the cached base model round trip."""
+"""dyprag.world_base: tokenizer, training sequences, and the cached base model round trip."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import json
 
 import pytest
 import torch
+from test_world import CONFIG
 from torch.testing import assert_close
 
+from dyprag.config import PretrainConfig
+from dyprag.examples import collate
 from dyprag.models import load_model
-from dyprag.pretrain import build_tokenizer, pretrain_base, pretraining_texts
-from dyprag.prompts import collate
 from dyprag.world import generate_world, load_schema
-from test_world import CONFIG
+from dyprag.world_base import build_tokenizer, pretrain_base, pretraining_texts
 
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+TINY = PretrainConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             epochs=1, batch_size=8, reading_single=30, reading_multi=10, warmup_steps=2)
 
 
@@ -76,7 +77,7 @@ def test_collate_masks_by_length_when_pad_is_eos():
 
 
 def test_pretrained_base_saves_loads_and_is_cached(world, tmp_path):
-    out = pretrain_base(world, tmp_path / "base", **TINY)
+    out = pretrain_base(world, tmp_path / "base", TINY)
     meta = json.loads((out / "pretrain.json").read_text())
     assert meta["steps"] > 0 and meta["config"]["hidden_size"] == 32
     model, tokenizer = load_model(out)
@@ -84,13 +85,8 @@ def test_pretrained_base_saves_loads_and_is_cached(world, tmp_path):
                     add_special_tokens=False)["input_ids"]
     logits = model(ids).logits
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    again = pretrain_base(world, tmp_path / "base", **TINY)
+    again = pretrain_base(world, tmp_path / "base", TINY)
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp, "cache hit retrains"
     reloaded, _ = load_model(again)
     assert_close(reloaded(ids).logits, logits)
     assert torch.isfinite(logits).all()
-
-
-def test_unknown_option_is_refused(world, tmp_path):
-    with pytest.raises(ValueError, match=r"unknown pretraining options \['hiden_size'\]"):
-        pretrain_base(world, tmp_path / "base", hiden_size=3)

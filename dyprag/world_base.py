@@ -1,6 +1,6 @@
 """Pretrain the synthetic world's tiny base model: a word-level tokenizer and a small Llama.
 
-    python -m dyprag.pretrain --world checkpoints/world --out checkpoints/base
+    python -m dyprag.world_base --world checkpoints/world --out checkpoints/base
 
 No LLM weights can be downloaded here, so the project builds its own base model. It is
 trained (Lightning) on two kinds of text, in curriculum order (see ``pretraining_texts``):
@@ -31,24 +31,16 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
+from dyprag.config import PretrainConfig
 from dyprag.corpus import iter_corpus
-from dyprag.files import atomic_dir, atomic_write_json, fingerprint, read_json
+from dyprag.examples import Segments, collate
+from dyprag.files import atomic_dir, atomic_write_json, fingerprint, is_cached, read_json
 from dyprag.optim import adamw_warmup_cosine
-from dyprag.prompts import Segments, collate, passage_context, qa_prompt
+from dyprag.prompts import passage_context, qa_prompt
 from dyprag.qa import load_qa
 from dyprag.world import SPLITS, Entity, fresh_entities, load_entities, render
 
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
-
-DEFAULTS: dict[str, Any] = {
-    # 8 heads of 16 dims: measured to find the reading circuit sooner than 4 of 32.
-    "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 8,
-    "intermediate_size": 384, "max_position_embeddings": 512,
-    "epochs": 1, "batch_size": 16, "lr": 1e-3, "warmup_steps": 200, "weight_decay": 0.01,
-    "reading_single": 48000, "reading_multi": 32000, "questions_per_context": 3,
-    "max_passages": 3, "gold_first": 0.9, "seed": 0,
-}
-
 
 def build_tokenizer(texts: list[str]) -> transformers.PreTrainedTokenizerFast:
     """A word-level tokenizer over every word (and punctuation mark) in ``texts``."""
@@ -178,43 +170,43 @@ class BaseModelPretraining(pl.LightningModule):
                                    self.total)
 
 
-def pretrain_base(world_dir: str | Path, out_dir: str | Path, **overrides: Any) -> Path:
-    """Build tokenizer + model for the world in ``world_dir``; cached in ``out_dir``."""
+def pretrain_base(world_dir: str | Path, out_dir: str | Path,
+                  recipe: PretrainConfig | None = None) -> Path:
+    """Build tokenizer + model for the world in ``world_dir`` (``recipe``: the default job's
+    when None); cached in ``out_dir``."""
     world, out = Path(world_dir), Path(out_dir)
-    config = {**DEFAULTS, **overrides}
-    unknown = set(overrides) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown pretraining options {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    recipe = recipe or PretrainConfig()
+    config = dataclasses.asdict(recipe)
     world_key = read_json(world / "meta.json")["fingerprint"]
     key = fingerprint([world_key, config])
     meta_path = out / "pretrain.json"
-    if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
+    if is_cached(meta_path, key):
         return out
 
-    pl.seed_everything(config["seed"], verbose=False)
-    examples = pretraining_texts(world, config["reading_single"], config["reading_multi"],
-                                 config["max_passages"], config["questions_per_context"],
-                                 config["seed"], config["gold_first"])
+    pl.seed_everything(recipe.seed, verbose=False)
+    examples = pretraining_texts(world, recipe.reading_single, recipe.reading_multi,
+                                 recipe.max_passages, recipe.questions_per_context,
+                                 recipe.seed, recipe.gold_first)
     corpus_text = [p.text for p in iter_corpus(world / "corpus.jsonl")]
     all_questions = [qa.question for split in SPLITS for qa in load_qa(world / f"qa_{split}.jsonl")]
     tokenizer = build_tokenizer(corpus_text + all_questions
                                 + [text for segments in examples for text, _ in segments])
     model_config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=config["hidden_size"],
-        intermediate_size=config["intermediate_size"], num_hidden_layers=config["num_hidden_layers"],
-        num_attention_heads=config["num_attention_heads"],
-        num_key_value_heads=config["num_attention_heads"],
-        max_position_embeddings=config["max_position_embeddings"], tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size, num_hidden_layers=recipe.num_hidden_layers,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_attention_heads,
+        max_position_embeddings=recipe.max_position_embeddings, tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     model = transformers.LlamaForCausalLM(model_config)
     # Not shuffled: the examples are already in curriculum order (shuffled within stages).
-    loader = DataLoader(examples, batch_size=config["batch_size"], shuffle=False,
+    loader = DataLoader(examples, batch_size=recipe.batch_size, shuffle=False,
                         collate_fn=lambda b: collate(tokenizer, b))
-    steps = config["epochs"] * len(loader)
-    system = BaseModelPretraining(model, config["lr"], config["warmup_steps"], steps,
-                                  config["weight_decay"])
-    trainer = pl.Trainer(max_epochs=config["epochs"], accelerator="auto", devices=1,
+    steps = recipe.epochs * len(loader)
+    system = BaseModelPretraining(model, recipe.lr, recipe.warmup_steps, steps,
+                                  recipe.weight_decay)
+    trainer = pl.Trainer(max_epochs=recipe.epochs, accelerator="auto", devices=1,
                          logger=False, enable_checkpointing=False, gradient_clip_val=1.0,
                          enable_model_summary=False, log_every_n_steps=10,
                          precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
@@ -235,9 +227,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the synthetic world's base model.")
     parser.add_argument("--world", default="checkpoints/world", help="world directory")
     parser.add_argument("--out", default="checkpoints/base", help="output directory")
-    parser.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
     args = parser.parse_args()
-    out = pretrain_base(args.world, args.out, epochs=args.epochs)
+    out = pretrain_base(args.world, args.out, PretrainConfig(epochs=args.epochs))
     print(json.dumps(read_json(out / "pretrain.json")))
 
 
