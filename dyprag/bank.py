@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from dyprag.augment import AugmentedDoc
 from dyprag.config import BankConfig
 from dyprag.examples import Segments, collate, document_examples
-from dyprag.files import atomic_write_json, open_safetensors, read_json, read_meta
+from dyprag.files import atomic_write_json, is_cached, open_safetensors, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
 from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
@@ -170,12 +170,12 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
         raise ValueError("no document has training examples (every augmentation failed?)")
     key = _fingerprint(docs, config, base_model, shapes, fmt)
     meta_path = out / "meta.json"
-    if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
+    if is_cached(meta_path, key):
         return out
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         progress_path = out / "progress.json"
-        if not progress_path.is_file() or read_json(progress_path).get("fingerprint") != key:
+        if not is_cached(progress_path, key):
             # Another run's shards (other documents or config): start over.
             for stale in [*out.glob("shard-*.safetensors"), meta_path, out / "index.json"]:
                 stale.unlink(missing_ok=True)

@@ -26,6 +26,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from dyprag import rundir
 from dyprag.augment import AugmentedDoc
 from dyprag.bank import BankConfig, LoRABank
 from dyprag.config import Config
@@ -37,7 +38,7 @@ from dyprag.distill import (
 )
 from dyprag.embed import EmbeddingTable
 from dyprag.examples import document_examples
-from dyprag.files import Unreadable, atomic_write_json, fingerprint, is_cached, read_json
+from dyprag.files import Unreadable, atomic_write_json, fingerprint, is_cached
 from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.loggers import make_loggers
@@ -129,7 +130,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.run.seed)
     key = _fingerprint(config, bank, embeddings, model_id, train_docs, val_docs,
                        [d.text for d in extra])
-    saved, ckpt_dir = out / "translator", out / "lightning"
+    saved, ckpt_dir = out / rundir.TRANSLATOR, out / rundir.CHECKPOINTS
     loggers = make_loggers(config, out)
     shapes = inject_lora(model).shapes
     if is_cached(saved / "meta.json", key):
@@ -190,8 +191,7 @@ def _resume_point(ckpt_dir: Path, key: str) -> str | None:
     unreadable one (a truncated file), is removed and the fit starts over."""
     marker, last = ckpt_dir / "fingerprint.json", ckpt_dir / "last.ckpt"
     try:
-        same = (last.is_file() and marker.is_file()
-                and read_json(marker).get("fingerprint") == key)
+        same = last.is_file() and is_cached(marker, key)
         if same:
             # A truncated file fails here; mapped, so its tensors are not read twice (the fit
             # loads it again).

@@ -1,4 +1,10 @@
-"""AdamW with linear warm-up and cosine decay to zero: the schedule every trainer here uses."""
+"""AdamW with linear warm-up and cosine decay to zero: the schedule every trainer here uses.
+
+Not ``transformers.get_cosine_schedule_with_warmup``: its warm-up starts at lr 0 (step / w),
+this one at lr / w ((step + 1) / w), so the first step already learns. Switching would change
+every trained weight, the world's base model included (whose quality moves with the last bits
+of its arithmetic), and with it the default job's table. Ten lines, tested against the formula.
+"""
 
 from __future__ import annotations
 

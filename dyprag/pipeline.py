@@ -74,7 +74,7 @@ def stage_data(config: Config, out: Path) -> Data:
         schema = Path(config.data.world)
         if not schema.is_file() and not schema.is_absolute():  # run from another directory
             schema = Path(__file__).resolve().parents[1] / schema
-        world = generate_world(load_schema(schema), out / "world")
+        world = generate_world(load_schema(schema), out / rundir.WORLD)
     train, test = rundir.questions(config, out)
     return Data(rundir.corpus_path(config, out), train, test, world)
 
@@ -86,7 +86,7 @@ def stage_base(config: Config, data: Data, out: Path) -> tuple[str, str]:
         from dyprag.world_base import pretrain_base
 
         start = time.perf_counter()
-        base = pretrain_base(data.world, out / "base", config.model.pretrain)
+        base = pretrain_base(data.world, out / rundir.BASE, config.model.pretrain)
         log(f"base model ready ({time.perf_counter() - start:.0f}s; "
             f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
     return rundir.base_model(config, out)
@@ -94,7 +94,7 @@ def stage_base(config: Config, data: Data, out: Path) -> tuple[str, str]:
 
 def stage_index(config: Config, data: Data, out: Path) -> Retriever:
     index = config.index
-    return build_retriever(data.corpus, out / "index", method=index.method,
+    return build_retriever(data.corpus, out / rundir.INDEX, method=index.method,
                            factory=index.factory, embedder=index.embedder)
 
 
@@ -238,12 +238,12 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
 
     with clock("augment"):
         doc_ids = training_documents(config, data, retriever)
-        docs = stage_augment(config, data, doc_ids, out / "augmented.jsonl", model, tokenizer)
+        docs = stage_augment(config, data, doc_ids, out / rundir.AUGMENTED, model, tokenizer)
     log(f"augmented {len(docs)} training documents")
     fmt = prompt_format(tokenizer, config.prompt.format)
     log(f"prompt format: {fmt.kind}")
     with clock("bank"):
-        bank_dir = build_bank(model, tokenizer, docs, out / "bank", config.bank,
+        bank_dir = build_bank(model, tokenizer, docs, out / rundir.BANK, config.bank,
                               base_model=model_id, fmt=fmt)
         bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
@@ -274,11 +274,11 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     results["stage_seconds"] = clock.seconds
     results["prompt_format"], results["augment"] = fmt.kind, augment_method(config)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
-    results["translator_fit_f1"] = read_json(out / "translator" / "meta.json").get("dyprag_f1", {})
+    results["translator_fit_f1"] = read_json(out / rundir.TRANSLATOR / "meta.json").get("dyprag_f1", {})
     log_results(fitted.loggers, results)
     # The run is finished: its description last, then the attempt replaces the old run.
-    atomic_write_text(out / "config.yaml", dump(config))
-    atomic_write_json(out / "eval.json", results)
+    atomic_write_text(out / rundir.CONFIG, dump(config))
+    atomic_write_json(out / rundir.FINISHED, results)
     rundir.publish(out, final)
     return results
 
@@ -310,10 +310,10 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
     if prag_k:
         needed = list(dict.fromkeys(d for h in hits for d in h[:prag_k]))
         with clock("augment"):
-            docs = stage_augment(config, data, needed, out / "augmented-eval.jsonl", model,
+            docs = stage_augment(config, data, needed, out / rundir.AUGMENTED_EVAL, model,
                                  tokenizer)
         with clock("bank"):
-            knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / "bank-eval",
+            knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / rundir.BANK_EVAL,
                                                  config.bank, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
     with clock("eval"):

@@ -32,23 +32,27 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dyprag.config import Config
+from dyprag.config import Config, RunConfig
 from dyprag.files import atomic_dir, read_json
 from dyprag.qa import QAExample, load_qa
 
 if TYPE_CHECKING:
     from dyprag.embed import EmbeddingTable
 
-FINISHED = "eval.json"
-DESCRIBES_THE_RUN = ("config.yaml", "eval.json")  # written last, when a run finishes
+# What each stage writes, by name inside the run directory.
+WORLD, BASE, INDEX = "world", "base", "index"
+AUGMENTED, AUGMENTED_EVAL = "augmented.jsonl", "augmented-eval.jsonl"  # + ".json" markers
+BANK, BANK_EVAL = "bank", "bank-eval"  # training documents' LoRAs; the test documents'
+TRANSLATOR, CHECKPOINTS = "translator", "lightning"
+CONFIG, FINISHED = "config.yaml", "eval.json"
+DESCRIBES_THE_RUN = (CONFIG, FINISHED)  # written last, when a run finishes
 STAGE_PATHS: dict[str, tuple[str, ...]] = {
-    "data": ("world",),
-    "base": ("base",),
-    "index": ("index",),
-    "augment": ("augmented.jsonl", "augmented.jsonl.json",
-                "augmented-eval.jsonl", "augmented-eval.jsonl.json"),
-    "bank": ("bank", "bank-eval"),
-    "translator": ("translator", "lightning"),
+    "data": (WORLD,),
+    "base": (BASE,),
+    "index": (INDEX,),
+    "augment": (AUGMENTED, f"{AUGMENTED}.json", AUGMENTED_EVAL, f"{AUGMENTED_EVAL}.json"),
+    "bank": (BANK, BANK_EVAL),
+    "translator": (TRANSLATOR, CHECKPOINTS),
 }
 STAGES = tuple(STAGE_PATHS)
 
@@ -62,7 +66,7 @@ def run_dir(config: Config) -> Path:
 def corpus_path(config: Config, run: Path) -> Path:
     """The corpus the run retrieves from: the world's (generated into the run) or
     ``data.corpus``."""
-    return run / "world" / "corpus.jsonl" if config.data.kind == "world" else Path(config.data.corpus)
+    return run / WORLD / "corpus.jsonl" if config.data.kind == "world" else Path(config.data.corpus)
 
 
 def questions(config: Config, run: Path) -> tuple[list[QAExample], list[QAExample]]:
@@ -73,8 +77,8 @@ def questions(config: Config, run: Path) -> tuple[list[QAExample], list[QAExampl
     data = config.data
     n_train, n_test = data.train_questions, data.test_questions
     if data.kind == "world":
-        return (load_qa(run / "world" / "qa_train.jsonl", limit=n_train),
-                load_qa(run / "world" / "qa_test.jsonl", limit=n_test))
+        return (load_qa(run / WORLD / "qa_train.jsonl", limit=n_train),
+                load_qa(run / WORLD / "qa_test.jsonl", limit=n_test))
     for key in ("corpus", "train_qa", "test_qa"):
         if not Path(getattr(data, key)).is_file():
             raise FileNotFoundError(f"data.{key}: {getattr(data, key)} does not exist")
@@ -103,14 +107,14 @@ def base_model(config: Config, run: Path) -> tuple[str, str]:
     """``(path or hub id to load, model id recorded in banks and checkpoints)``: the world's
     model pretrained into ``run/base``, or ``model.name``."""
     if config.model.name == "world":
-        return str(run / "base"), world_model_id(run / "base")
+        return str(run / BASE), world_model_id(run / BASE)
     return config.model.name, config.model.name
 
 
 def embedding_files(run: Path, source: str) -> tuple[Path, Path]:
     """``(vectors .npy, meta .json)`` of the ``llm`` or ``tokens`` document embeddings stored
     beside the index."""
-    return run / "index" / f"{source}-embeddings.npy", run / "index" / f"{source}-embeddings.json"
+    return run / INDEX / f"{source}-embeddings.npy", run / INDEX / f"{source}-embeddings.json"
 
 
 def read_embeddings(run: Path, source: str) -> EmbeddingTable:
@@ -128,7 +132,7 @@ def is_finished(path: str | os.PathLike) -> bool:
     return (Path(path) / FINISHED).is_file()
 
 
-def latest_run(root: str | os.PathLike = "checkpoints") -> Path:
+def latest_run(root: str | os.PathLike = RunConfig.root) -> Path:
     """The finished run under ``root`` whose translator was saved last (staging directories,
     whose names start with a dot, are not runs)."""
     runs = sorted((p for p in Path(root).glob("*/translator/meta.json")

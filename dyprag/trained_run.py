@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from dyprag.answer import EmbeddingTable, Knowledge, answer, mode_lora
 from dyprag import rundir
 from dyprag.answer import Knowledge, answer, mode_lora
 from dyprag.bank import BankSet, LoRABank
@@ -52,27 +51,28 @@ class TrainedRun:
         except Unreadable as err:
             stage = rundir.owning_stage(err.path, path)
             raise RunError(f"{err}; make it again with `python train.py --config "
-                           f"{path / 'config.yaml'} --rebuild {stage}`" if stage else str(err)
+                           f"{path / rundir.CONFIG} --rebuild {stage}`" if stage else str(err)
                            ) from None
 
     @classmethod
     def _open(cls, path: Path, device: str | None) -> TrainedRun:
-        for need in ("eval.json", "config.yaml", "translator/meta.json", "index/meta.json"):
+        for need in (rundir.FINISHED, rundir.CONFIG, f"{rundir.TRANSLATOR}/meta.json",
+                     f"{rundir.INDEX}/meta.json"):
             if not (path / need).is_file():
                 raise RunError(f"{path} is not a finished run: {need} is missing "
                                "(train it with `python train.py`, or resume it)")
-        config = load_config(path / "config.yaml")
+        config = load_config(path / rundir.CONFIG)
         load_path, model_id = rundir.base_model(config, path)
         corpus = rundir.corpus_path(config, path)
         model, tokenizer = load_model(load_path, dtype=config.model.dtype,
                                       device=device or config.model.device)
-        translator, meta = load_translator(path / "translator", model_id,
+        translator, meta = load_translator(path / rundir.TRANSLATOR, model_id,
                                            inject_lora(model).shapes, device=model.device)
-        retriever = load_retriever(path / "index")
+        retriever = load_retriever(path / rundir.INDEX)
         if not corpus.is_file():
             raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")
         embeddings = _embeddings(path, meta, retriever)
-        banks = [LoRABank(path / name, base_model=model_id) for name in ("bank", "bank-eval")
+        banks = [LoRABank(path / name, base_model=model_id) for name in (rundir.BANK, rundir.BANK_EVAL)
                  if (path / name / "meta.json").is_file()]
         bank = BankSet(banks) if banks else None
         return cls(path, config, model, tokenizer, model_id, retriever,

@@ -31,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from dyprag.files import atomic_write_json, atomic_write_jsonl, fingerprint, read_json
+from dyprag.files import atomic_write_json, atomic_write_jsonl, fingerprint, is_cached, read_json
 
 SPLITS = ("pretrain", "train", "test")
 TEMPLATE_SETS = ("bio_templates", "rewrite_templates", "question_templates",
@@ -187,7 +187,7 @@ def generate_world(schema: dict[str, Any], out_dir: str | Path, rewrites: int = 
     out = Path(out_dir)
     meta_path = out / "meta.json"
     key = fingerprint(schema)
-    if meta_path.is_file() and read_json(meta_path).get("fingerprint") == key:
+    if is_cached(meta_path, key):
         return out
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(f"{schema['seed']}-text")
