@@ -22,6 +22,7 @@ from pathlib import Path
 
 from dyprag.config import parse_mode
 
+
 def datasets(args, run) -> list[tuple[str, list]]:
     from dyprag import rundir
     from dyprag.qa import load_qa
@@ -149,7 +150,7 @@ def log_wandb(run, grid: dict, modes: list[str]) -> None:
     w, mode = run.config.wandb, wandb_mode(run.config)
     if mode == "disabled":
         return
-    with wandb.init(project=w["project"], name=f"{w.name or run.config.run.name}-eval",
+    with wandb.init(project=w.project, name=f"{w.name or run.config.run.name}-eval",
                     dir=str(run.path), mode=mode, job_type="eval") as wb:
         columns = ["dataset", "mode", "em", "f1", "ms_per_question"]
         rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["ms_per_question"]]

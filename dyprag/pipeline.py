@@ -138,7 +138,8 @@ def stage_augment(config: Config, data: Data, doc_ids: list[str], path: Path, mo
     if path.is_file() and not (is_cached(marker, key) or (not marker.is_file()
                                                            and key == "template")):
         path.unlink()  # written by another method or recipe
-    atomic_write_json(marker, {"fingerprint": key, "method": method})
+    if not is_cached(marker, key):
+        atomic_write_json(marker, {"fingerprint": key, "method": method})
     stats = augment_corpus(passages, augmenter, path, batch_size=a.batch_size)
     records = {r.doc_id: r for r in read_augmented(path)}
     failed = sum(not records[p.id].qa for p in passages if p.id in records)

@@ -8,7 +8,7 @@ each piece whose recorded inputs still match::
     out_dir/embeddings.json  {"embedder", "corpus_fingerprint", "count", "dim"}
     out_dir/dense/           DenseIndex (reused when embedder, corpus and factory match)
     out_dir/bm25/            BM25Index (reused when the corpus matches)
-    out_dir/meta.json        {"format", "method", "embedder", "factory", "corpus_fingerprint", ...}
+    out_dir/meta.json        {"format", "method", "embedder", "factory", "corpus_fingerprint", "count"}
 
 Changing only the factory rebuilds the index from the stored embeddings without re-embedding;
 changing the method from "dense" to "hybrid" adds BM25 and keeps the dense part.
@@ -162,11 +162,11 @@ def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, 
                                    show_progress=show_progress)
             bm25.save(out / "bm25")
 
-    atomic_write_json(out / META, {
-        "format": FORMAT, "method": method, "corpus": str(corpus_path), "corpus_fingerprint": fingerprint,
-        "embedder": model.name if model else None, "factory": factory if dense else None,
-        "count": len(dense if dense is not None else bm25),
-    })
+    meta = {"format": FORMAT, "method": method, "corpus_fingerprint": fingerprint,
+            "embedder": model.name if model else None, "factory": factory if dense else None,
+            "count": len(dense if dense is not None else bm25)}
+    if not _meta_matches(out / META, meta):  # unchanged: left as it is (a rerun rewrites nothing)
+        atomic_write_json(out / META, meta)
     return Retriever(method, model, dense, bm25, embeddings)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -88,5 +89,12 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
 
     tmp = tmp_path_factory.mktemp("train")
     config = tiny_run_config(tmp)
-    train.main(["--config", str(config)])
+    with (tmp / "train.stdout").open("w") as f, contextlib.redirect_stdout(f):
+        train.main(["--config", str(config)])
     return config, tmp / "checkpoints" / "tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_run_stdout(tiny_run) -> str:
+    """What ``train.py`` printed while making the tiny run."""
+    return (tiny_run[0].parent / "train.stdout").read_text()

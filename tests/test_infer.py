@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN_MODES
 
 import infer
 from dyprag.qa import load_qa
@@ -26,17 +28,24 @@ def questions(tiny_run):
     return [qa.question for qa in load_qa(out / "world" / "qa_test.jsonl", limit=4)]
 
 
-@pytest.mark.parametrize("mode", ["vanilla", "rag", "dyprag", "dyprag+rag", "prag"])
-def test_every_mode_answers(tiny_run, questions, mode, capsys):
+@pytest.mark.parametrize("mode", TINY_RUN_MODES)
+def test_every_mode_answers_as_the_runs_evaluation_did(tiny_run, questions, mode, capsys):
+    """infer.py's answer to the first test question is the one train.py's evaluation gave
+    in that mode (eval.json's first sample): another path (batched, the run still in memory)."""
     _, out = tiny_run
-    code = infer.main(["--run", str(out), "--question", questions[0], "--mode", mode, "--json",
-                       "--k", "1"])
+    sample = json.loads((out / "eval.json").read_text())["samples"][0]
+    assert sample["question"] == questions[0]
+    name, _, k = mode.partition("@")
+    code = infer.main(["--run", str(out), "--question", questions[0], "--mode", name, "--json",
+                       "--k", k or "1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err  # prag: the top-1 test documents are in bank-eval/
     row = json.loads(captured.out.strip().splitlines()[-1])
     assert set(row) == {"question", "mode", "answer", "passages"}
-    assert row["question"] == questions[0] and isinstance(row["answer"], str)
-    assert len(row["passages"]) == 1 and {"id", "score", "text"} == set(row["passages"][0])
+    assert (row["question"], row["mode"]) == (questions[0], mode)
+    assert row["answer"] == sample[mode] and "\n" not in row["answer"]
+    assert len(row["passages"]) == int(k or 1)
+    assert all({"id", "score", "text"} == set(p) and p["text"].strip() for p in row["passages"])
 
 
 def test_only_retrieved_passages_are_read_and_a_foreign_corpus_is_named(tiny_run, questions,
@@ -50,7 +59,8 @@ def test_only_retrieved_passages_are_read_and_a_foreign_corpus_is_named(tiny_run
     run.knowledge.passages.clear()
     run.corpus = tmp_path / "other.jsonl"
     run.corpus.write_text(json.dumps({"id": "zz", "text": "Nobody was born anywhere."}) + "\n")
-    with pytest.raises(RunError, match=r"\['e\d+'\] of the index are not in the run's corpus"):
+    with pytest.raises(RunError, match=r"\['e\d+'\] of the index are not in the run's corpus "
+                       + re.escape(str(run.corpus))):
         run.retrieve(questions[:1], 1)
 
 
@@ -71,7 +81,8 @@ def test_a_questions_file_skips_malformed_lines(tiny_run, questions, tmp_path, c
     captured = capsys.readouterr()
     assert [json.loads(line)["question"] for line in captured.out.strip().splitlines()] == \
         questions[:2]
-    assert captured.err.count("skipped") == 2 and "q.jsonl:3" in captured.err
+    assert captured.err.count("skipped") == 2
+    assert "q.jsonl:3" in captured.err and "q.jsonl:4" in captured.err
 
 
 def test_export_peft_writes_an_adapter(tiny_run, questions, tmp_path):
@@ -95,8 +106,10 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys):
         assert infer.main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err, err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:  # argparse: its usage line, then the error
         infer.main(["--run", str(out), "--question", "q", "--mode", "magic"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "--mode" in err and "'magic'" in err, err
 
 
 def test_an_incomplete_run_is_refused(tiny_run, tmp_path, capsys):
@@ -131,8 +144,11 @@ def test_evaluate_limit_stays_within_the_test_questions(tmp_path):
     qa = tmp_path / "dev.jsonl"  # PRAG's layout: the first 2 test, the rest train
     qa.write_text("".join(json.dumps({"question": f"q{i}?", "answers": ["a"]}) + "\n"
                           for i in range(6)))
-    data = {"kind": "qa", "test_qa": str(qa), "qa_format": None, "test_questions": 2}
-    run = types.SimpleNamespace(config={"data": data}, path=tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "1", "text": "t"}) + "\n")
+    data = types.SimpleNamespace(kind="qa", corpus=str(corpus), train_qa=str(qa), test_qa=str(qa),
+                                 qa_format=None, train_questions=None, test_questions=2)
+    run = types.SimpleNamespace(config=types.SimpleNamespace(data=data), path=tmp_path)
 
     def asked(limit):
         args = types.SimpleNamespace(qa=[], limit=limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,8 +13,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import TINY_RUN_MODES as MODES
+from safetensors.torch import load_file
 from torch.testing import assert_close
-from wandb_log import history_keys
 
 import train
 from dyprag.config import load_config
@@ -34,11 +35,33 @@ def run(tiny_run):
     return tiny_run
 
 
-def test_the_run_prints_a_table_and_writes_every_mode(run):
+def table_rows(stdout: str) -> list[list[str]]:
+    """The rows (mode, EM, F1) of the one table in what train.py printed."""
+    lines = stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if line.split() == ["mode", "EM", "F1"]]
+    assert len(header) == 1, stdout[-3000:]
+    assert set(lines[header[0] + 1]) == {"-"}, lines[header[0] + 1]
+    rows = []
+    for line in lines[header[0] + 2:]:
+        if len(line.split()) != 3:  # the recall line and the footer follow the rows
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_the_run_prints_a_table_and_writes_every_mode(run, tiny_run_stdout):
+    _, out = run
+    results = read_json(out / "eval.json")
+    assert list(results["f1"]) == list(results["em"]) == MODES  # the config's eval.modes
+    assert all(0 <= results[score][m] <= 1 for score in ("f1", "em") for m in MODES)
+    assert table_rows(tiny_run_stdout) == [[m, f"{results['em'][m]:.3f}", f"{results['f1'][m]:.3f}"]
+                                           for m in MODES]
+    assert f"{results['questions']} test questions" in tiny_run_stdout
+
+
+def test_eval_json_describes_the_run(run):
     config, out = run
     results = read_json(out / "eval.json")
-    assert list(results["f1"]) == MODES
-    assert all(0 <= f1 <= 1 for f1 in results["f1"].values())
     assert results["questions"] == 60 and results["translator_params"] > 0
     # how the run asked and augmented (the world: plain prompts, template QA), and its stages
     assert (results["prompt_format"], results["augment"]) == ("plain", "template")
@@ -54,30 +77,65 @@ def test_csv_log_holds_every_term_and_the_eval(run):
         rows = list(csv.DictReader(f))
     for key in LOGGED:
         assert any(row.get(key) for row in rows), f"{key} missing from metrics.csv"
+    logged = {m: float(next(row[f"eval/f1/{m}"] for row in rows if row.get(f"eval/f1/{m}")))
+              for m in MODES}
+    assert logged == pytest.approx(read_json(out / "eval.json")["f1"], abs=1e-6)
     with (first / "samples.csv").open() as f:
         samples = list(csv.DictReader(f))
     assert len(samples) == 3 and set(samples[0]) == {"question", "gold", *MODES}
 
 
-def test_wandb_offline_run_holds_every_term_and_the_samples_table(run):
+def wandb_inspect(path: Path, *flags: str) -> str:
+    """W&B's own reader of an offline run file, ``wandb leet inspect --json``: one record per
+    line, or with ``--summary`` one object (state, config, summary)."""
+    proc = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags,
+                           str(path)], capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_wandb_offline_run_holds_every_term_the_eval_and_the_samples_table(run):
     _, out = run
     # The first run is train.py's (evaluate.py may add its own later); names hold the time.
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert files
-    keys = history_keys(files[0])
+    records = [json.loads(line) for line in wandb_inspect(files[0]).splitlines()]
+    keys = {key for r in records if r["type"] == "history" for key in r["history"]["item"]}
     assert set(LOGGED) <= keys, set(LOGGED) - keys
-    assert list((out / "wandb").glob("offline-run-*/files/media/table/eval/samples_*.table.json"))
+    summary = json.loads(wandb_inspect(files[0], "--summary"))
+    assert summary["state"] == "finished"
+    results = read_json(out / "eval.json")
+    assert {m: summary["summary"][f"eval/f1/{m}"] for m in MODES} == \
+        pytest.approx(results["f1"], abs=1e-6)
+    table = summary["summary"]["eval/samples"]
+    assert table["_type"] == "table-file"
+    stored = json.loads((files[0].parent / "files" / table["path"]).read_text())
+    assert stored["columns"] == ["question", "gold", *MODES]
+    assert stored["data"] == [[s[c] for c in stored["columns"]] for s in results["samples"]]
 
 
-def test_translator_checkpoint_round_trip_and_refusals(run):
+def test_translator_checkpoint_round_trips(run):
     _, out = run
     meta = read_json(out / "translator" / "meta.json")
     model, _ = load_model(out / "base")
     shapes = inject_lora(model).shapes
     translator, _ = load_translator(out / "translator", meta["base_model"], shapes)
+    stored = load_file(out / "translator" / "translator.safetensors")
+    restored = translator.state_dict()
+    assert restored.keys() == stored.keys()
+    for key, tensor in stored.items():
+        assert_close(restored[key], tensor, rtol=0, atol=0)
     emb = torch.randn(2, meta["embedding_dim"])
     again, _ = load_translator(out / "translator", meta["base_model"], shapes)
-    assert_close(translator(emb).A, again(emb).A)
+    assert_close(translator(emb).A, again(emb).A, rtol=0, atol=0)
+    assert_close(translator(emb).B, again(emb).B, rtol=0, atol=0)
+
+
+def test_translator_checkpoint_refuses_another_base_model_or_shape(run):
+    _, out = run
+    meta = read_json(out / "translator" / "meta.json")
+    model, _ = load_model(out / "base")
+    shapes = inject_lora(model).shapes
     with pytest.raises(ValueError, match="meta-llama/Llama-3.2-1B.*" + meta["base_model"]
                        + "|" + meta["base_model"] + ".*meta-llama/Llama-3.2-1B"):
         load_translator(out / "translator", "meta-llama/Llama-3.2-1B", shapes)
@@ -86,12 +144,31 @@ def test_translator_checkpoint_round_trip_and_refusals(run):
         load_translator(out / "translator", meta["base_model"], other)
 
 
-def test_a_second_run_reuses_every_stage(run):
+def stage_outputs(out: Path) -> dict[str, tuple[str, int]]:
+    """Every file the stages wrote (all but the run's description, config.yaml and eval.json,
+    and its logs), by relative path → (content hash, st_mtime_ns)."""
+    return {str(p.relative_to(out)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                      p.stat().st_mtime_ns)
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] not in
+            ("config.yaml", "eval.json", "logs", "wandb")}
+
+
+def test_a_second_run_reuses_every_stage(run, tiny_run_stdout, capsys):
     config, out = run
-    before = (out / "translator" / "translator.safetensors").stat().st_mtime_ns
-    train.main(["--config", str(config), "eval.modes=[vanilla]"])
-    assert (out / "translator" / "translator.safetensors").stat().st_mtime_ns == before
-    assert list(read_json(out / "eval.json")["f1"]) == ["vanilla"]
+    before, results = stage_outputs(out), read_json(out / "eval.json")
+    assert {"world", "base", "index", "augmented.jsonl", "augmented-eval.jsonl", "bank",
+            "bank-eval", "translator", "lightning"} <= {Path(p).parts[0] for p in before}
+    capsys.readouterr()
+    train.main(["--config", str(config)])  # the same command again
+    printed = capsys.readouterr().out
+    after = stage_outputs(out)
+    rebuilt = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    assert not rebuilt, rebuilt  # not one file rewritten, added or removed
+    again = read_json(out / "eval.json")
+    assert (again["f1"], again["em"], again["samples"]) == \
+        (results["f1"], results["em"], results["samples"])
+    assert table_rows(printed) == table_rows(tiny_run_stdout)
 
 
 class Interrupt(pl.Callback):
@@ -108,11 +185,11 @@ class Interrupt(pl.Callback):
 
 
 def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
-    from dyprag import pipeline, training
+    from dyprag import fit, pipeline
 
     config_path, out = run
     config = load_config(config_path, ["train.lr=2e-3", "eval.modes=[vanilla]"])
-    fit = training.fit_translator
+    fit = fit.fit_translator
     crash = Interrupt(crash_at=1)
     monkeypatch.setattr(pipeline, "fit_translator", lambda *a, **kw: fit(*a, **kw, callbacks=[crash]))
     finished = read_json(out / "translator" / "meta.json")["fingerprint"]
