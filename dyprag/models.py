@@ -142,8 +142,9 @@ PACKAGED = {
 
 
 def model_cache() -> Path:
-    """Where converted GGUF models are kept: ``$DYPRAG_CACHE/models`` (default
-    ``~/.cache/dyprag/models``), shared by every run and clone."""
+    """Where models made here are kept for every run and clone on this machine (converted GGUF
+    models, the synthetic world's base model): ``$DYPRAG_CACHE/models`` (default
+    ``~/.cache/dyprag/models``)."""
     return Path(os.environ.get("DYPRAG_CACHE", Path.home() / ".cache" / "dyprag")) / "models"
 
 

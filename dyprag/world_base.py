@@ -12,7 +12,8 @@ trained (Lightning) on two kinds of text, in curriculum order (see ``pretraining
 
 Train and test entities never appear, so closed-book answers about them are at chance. The
 result is saved with ``save_pretrained`` and loads back with ``dyprag.models.load_model``
-like any Hugging Face model. It is cached: rebuilt only when the world or the config changes.
+like any Hugging Face model. It is cached, in the run and for every run and clone on the
+machine (``shared_base_dir``): pretrained again only when the world or the recipe changes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,7 @@ from dyprag.config import PretrainConfig
 from dyprag.corpus import iter_corpus
 from dyprag.examples import Segments, collate
 from dyprag.files import atomic_dir, atomic_write_json, fingerprint, is_cached, read_json
+from dyprag.models import model_cache
 from dyprag.optim import adamw_warmup_cosine
 from dyprag.prompts import passage_context, qa_prompt
 from dyprag.qa import load_qa
@@ -173,14 +177,22 @@ class BaseModelPretraining(pl.LightningModule):
 def pretrain_base(world_dir: str | Path, out_dir: str | Path,
                   recipe: PretrainConfig | None = None) -> Path:
     """Build tokenizer + model for the world in ``world_dir`` (``recipe``: the default job's
-    when None); cached in ``out_dir``."""
+    when None) into ``out_dir``. Cached twice: in ``out_dir``, and for every run and clone on
+    this machine in ``shared_base_dir`` (the same world schema and recipe give the same
+    model), from where a new run copies it instead of pretraining again."""
     world, out = Path(world_dir), Path(out_dir)
     recipe = recipe or PretrainConfig()
     config = dataclasses.asdict(recipe)
     world_key = read_json(world / "meta.json")["fingerprint"]
     key = fingerprint([world_key, config])
-    meta_path = out / "pretrain.json"
+    meta_path, shared = out / "pretrain.json", shared_base_dir(key)
     if is_cached(meta_path, key):
+        return out
+    if is_cached(shared / meta_path.name, key):
+        _copy(shared, out)
+        print(f"[dyprag] base model copied from {shared}, pretrained there in "
+              f"{read_json(shared / meta_path.name)['seconds']}s (delete it to pretrain again)",
+              flush=True)
         return out
 
     pl.seed_everything(recipe.seed, verbose=False)
@@ -220,7 +232,30 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         atomic_write_json(tmp / meta_path.name, {
             "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
             "steps": steps, "seconds": round(seconds, 1)})
+    try:
+        _copy(out, shared)
+    except OSError as err:  # a read-only or full cache costs later runs time, not this one
+        print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
     return out
+
+
+def shared_base_dir(key: str) -> Path:
+    """Where the world's base model of fingerprint ``key`` is kept for every run and clone:
+    ``$DYPRAG_CACHE/models/world-base-<key>`` (default ``~/.cache/dyprag/models``)."""
+    return model_cache() / f"world-base-{key}"
+
+
+def _copy(src: Path, dst: Path) -> None:
+    """``src`` as a new directory ``dst``, atomically; files hard-linked where the filesystem
+    allows (every writer replaces files, never writes through them), else copied."""
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, copy_function=link_or_copy)
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,10 @@ import yaml
 
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
+
+# Models made here (the world's base model, converted GGUF files) are kept in a cache shared by
+# every run on the machine; the tests keep theirs apart (subprocesses inherit this).
+os.environ["DYPRAG_CACHE"] = tempfile.mkdtemp(prefix="dyprag-test-cache-")
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,

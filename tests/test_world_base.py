@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -90,3 +91,19 @@ def test_pretrained_base_saves_loads_and_is_cached(world, tmp_path):
     reloaded, _ = load_model(again)
     assert_close(reloaded(ids).logits, logits)
     assert torch.isfinite(logits).all()
+
+
+def test_a_new_run_copies_the_base_model_pretrained_by_another(world, tmp_path, monkeypatch):
+    from dyprag.world_base import shared_base_dir
+
+    first = pretrain_base(world, tmp_path / "run1" / "base", TINY)
+    key = json.loads((first / "pretrain.json").read_text())["fingerprint"]
+    assert (shared_base_dir(key) / "model.safetensors").is_file()
+    monkeypatch.setattr("pytorch_lightning.Trainer.fit",
+                        lambda *a, **kw: pytest.fail("pretrained again"))
+    second = pretrain_base(world, tmp_path / "run2" / "base", TINY)
+    for name in ("model.safetensors", "pretrain.json", "tokenizer.json"):
+        assert (second / name).read_bytes() == (first / name).read_bytes(), name
+    other = dataclasses.replace(TINY, seed=1)  # another recipe is not the cached model
+    with pytest.raises(pytest.fail.Exception, match="pretrained again"):
+        pretrain_base(world, tmp_path / "run3" / "base", other)
