@@ -68,6 +68,7 @@ def _run(args) -> int:
     from dyprag.answer import evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import exact_match, f1_score
+    from dyprag.report import markdown, plot
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
 
@@ -109,37 +110,6 @@ def _run(args) -> int:
 
 def _progress(dataset: str, mode: str, scores: dict) -> None:
     print(f"{dataset} {mode}: F1 {scores['f1']:.3f}", file=sys.stderr)
-
-
-def markdown(grid: dict, modes: list[str]) -> str:
-    lines = ["| dataset | mode | EM | F1 | ms / question |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {m} | {s[m]['em']:.3f} | {s[m]['f1']:.3f} | "
-              f"{s[m]['ms_per_question']:.1f} |" for name, s in grid.items() for m in modes]
-    return "\n".join(lines) + "\n"
-
-
-def plot(grid: dict, modes: list[str], path: Path) -> None:
-    """F1 by mode, one bar per dataset; written to a temporary file, then renamed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from dyprag.files import atomic_path
-
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(modes), 3.6))
-    width = 0.8 / len(grid)
-    for i, (name, scores) in enumerate(grid.items()):
-        ax.bar([j + i * width for j in range(len(modes))], [scores[m]["f1"] for m in modes],
-               width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modes))], modes, rotation=20)
-    ax.set_ylabel("F1")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
 
 
 def log_wandb(run, grid: dict, modes: list[str]) -> None:

@@ -8,11 +8,12 @@ Stages, each cached under checkpoints/<run.name>/ and skipped when its inputs ar
 
   1. data        the corpus and QA files (or the synthetic world, generated from data.world)
   2. base        the base LLM (from_pretrained), or the world's tiny model, pretrained here
+                 once per machine (kept in ~/.cache/dyprag/models, $DYPRAG_CACHE)
   3. index       embed the corpus (sentence-transformers) into a FAISS index
   4. augment     rewrites + QA pairs per training document (LLM prompts; templates in the world)
   5. bank        one FFN LoRA per training document (PRAG), many documents per step
   6. translator  Lightning fit of the hypernetwork: L = w_lm·LM + w_kl·KL + w_mse·MSE
-  7. eval        the test questions in every mode of eval.modes → table, eval.json, W&B
+  7. eval        the test questions in every mode of eval.modes → table, eval.json, f1.png, W&B
 
 Interrupted? Run the same command again: finished stages are reused, the augmentation and the
 bank continue where they stopped and the fit resumes from checkpoints/<run>/lightning/last.ckpt
@@ -21,7 +22,7 @@ A rerun of a finished run works in checkpoints/.<run>.attempt/ and replaces the 
 finishes, so a failed rerun leaves the finished run as it was. A stored file that is unreadable
 (a truncated shard or checkpoint) is named in the error with the stage that owns it: rerun with
 --rebuild STAGE to make that stage again.
-Outputs: config.yaml (the resolved config) and eval.json (written last), translator/
+Outputs: config.yaml (the resolved config) and eval.json (written last), f1.png, translator/
 (safetensors + meta.json), bank/, logs/version_N/metrics.csv and samples.csv (one version per
 attempt), wandb/ (offline unless W&B is configured). Errors print one line on stderr and exit
 with code 2 (--debug for the traceback).
@@ -78,7 +79,13 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
 
-    from dyprag.pipeline import StageError, run, table
+    from transformers.utils import logging as hf_logging
+
+    from dyprag.pipeline import StageError, run
+    from dyprag.report import next_steps, table
+    from dyprag.rundir import run_dir
+
+    hf_logging.disable_progress_bar()  # its loading/saving bars say nothing here
 
     try:
         results = run(config, tuple(args.rebuild))
@@ -89,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     if results is not None:
         print(table(results))
+        print(next_steps(run_dir(config), results))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from dyprag.loggers import log_results
 from dyprag.models import load_model
 from dyprag.prompts import prompt_format
 from dyprag.qa import QAExample
+from dyprag.report import plot
 from dyprag.retrieval import Retriever, build_retriever
 
 
@@ -277,6 +278,8 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
     results["translator_fit_f1"] = read_json(out / rundir.TRANSLATOR / "meta.json").get("dyprag_f1", {})
     log_results(fitted.loggers, results)
+    plot({"test questions": {m: {"f1": f1} for m, f1 in results["f1"].items()}},
+         list(results["f1"]), out / rundir.PLOT)
     # The run is finished: its description last, then the attempt replaces the old run.
     atomic_write_text(out / rundir.CONFIG, dump(config))
     atomic_write_json(out / rundir.FINISHED, results)
@@ -328,20 +331,3 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
                for i, qa in enumerate(test[:ev.samples])]
     return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in scores.items()},
             "em": {m: s["em"] for m, s in scores.items()}, "samples": samples}
-
-
-def table(results: dict) -> str:
-    """The final F1/EM table, one row per mode."""
-    lines = [f"{'mode':16s} {'EM':>6s} {'F1':>6s}", "-" * 30]
-    lines += [f"{m:16s} {results['em'][m]:6.3f} {f1:6.3f}" for m, f1 in results["f1"].items()]
-    recall = [f"{k} {v:.3f}" for k, v in results.items() if k.startswith("recall@")]
-    lines += [", ".join(recall)] if recall else []
-    fit = results.get("translator_fit_f1", {})
-    if fit.get("seen") is not None:
-        lines.append(f"translator on its training documents' questions: F1 {fit['seen']:.3f}"
-                     + (f"; on held-out documents': {fit['held_out']:.3f}"
-                        if fit.get("held_out") is not None else ""))
-    how = [f"{name}: {results[k]}" for k, name in (("prompt_format", "prompts"),
-                                                   ("augment", "augmentation")) if k in results]
-    return "\n".join(lines + [f"{results['questions']} test questions"
-                              + (f" ({', '.join(how)})" if how else "")])

@@ -44,8 +44,8 @@ WORLD, BASE, INDEX = "world", "base", "index"
 AUGMENTED, AUGMENTED_EVAL = "augmented.jsonl", "augmented-eval.jsonl"  # + ".json" markers
 BANK, BANK_EVAL = "bank", "bank-eval"  # training documents' LoRAs; the test documents'
 TRANSLATOR, CHECKPOINTS = "translator", "lightning"
-CONFIG, FINISHED = "config.yaml", "eval.json"
-DESCRIBES_THE_RUN = (CONFIG, FINISHED)  # written last, when a run finishes
+CONFIG, FINISHED, PLOT = "config.yaml", "eval.json", "f1.png"
+DESCRIBES_THE_RUN = (CONFIG, FINISHED, PLOT)  # written last, when a run finishes
 STAGE_PATHS: dict[str, tuple[str, ...]] = {
     "data": (WORLD,),
     "base": (BASE,),

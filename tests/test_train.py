@@ -59,6 +59,16 @@ def test_the_run_prints_a_table_and_writes_every_mode(run, tiny_run_stdout):
     assert f"{results['questions']} test questions" in tiny_run_stdout
 
 
+def test_the_run_ends_with_its_directory_plot_and_the_command_to_try_next(run, tiny_run_stdout):
+    _, out = run
+    tail = tiny_run_stdout.rstrip().splitlines()[-3:]
+    question = read_json(out / "eval.json")["samples"][0]["question"]
+    assert tail[0].startswith(f"run:   {out}")
+    assert tail[1] == f"plot:  {out / 'f1.png'}"
+    assert (out / "f1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tail[2] == f"next:  python infer.py --run {out} --question {question!r}"
+
+
 def test_eval_json_describes_the_run(run):
     config, out = run
     results = read_json(out / "eval.json")
@@ -145,13 +155,13 @@ def test_translator_checkpoint_refuses_another_base_model_or_shape(run):
 
 
 def stage_outputs(out: Path) -> dict[str, tuple[str, int]]:
-    """Every file the stages wrote (all but the run's description, config.yaml and eval.json,
-    and its logs), by relative path → (content hash, st_mtime_ns)."""
+    """Every file the stages wrote (all but the run's description, config.yaml, eval.json and
+    f1.png, and its logs), by relative path → (content hash, st_mtime_ns)."""
     return {str(p.relative_to(out)): (hashlib.sha256(p.read_bytes()).hexdigest(),
                                       p.stat().st_mtime_ns)
             for p in sorted(out.rglob("*"))
             if p.is_file() and p.relative_to(out).parts[0] not in
-            ("config.yaml", "eval.json", "logs", "wandb")}
+            ("config.yaml", "eval.json", "f1.png", "logs", "wandb")}
 
 
 def test_a_second_run_reuses_every_stage(run, tiny_run_stdout, capsys):
