@@ -183,6 +183,8 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
     world, out = Path(world_dir), Path(out_dir)
     recipe = recipe or PretrainConfig()
     config = dataclasses.asdict(recipe)
+    if not recipe.length_window:  # off: the model of the recipe from before the option existed
+        del config["length_window"]
     world_key = read_json(world / "meta.json")["fingerprint"]
     key = fingerprint([world_key, config])
     meta_path, shared = out / "pretrain.json", shared_base_dir(key)
@@ -212,6 +214,11 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     model = transformers.LlamaForCausalLM(model_config)
+    if recipe.length_window:
+        lengths = [sum(len(tokenizer(text, add_special_tokens=False)["input_ids"])
+                       for text, _ in segments) for segments in examples]
+        examples = length_sorted(examples, lengths, recipe.batch_size, recipe.length_window,
+                                 recipe.seed)
     # Not shuffled: the examples are already in curriculum order (shuffled within stages).
     loader = DataLoader(examples, batch_size=recipe.batch_size, shuffle=False,
                         collate_fn=lambda b: collate(tokenizer, b))
@@ -236,6 +243,20 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         _copy(out, shared)
     except OSError as err:  # a read-only or full cache costs later runs time, not this one
         print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
+    return out
+
+
+def length_sorted(examples: list, lengths: list[int], batch_size: int, window: int,
+                  seed: int) -> list:
+    """``examples`` reordered so that each batch of ``batch_size`` holds similar lengths: sorted
+    by length within consecutive windows of ``window`` batches (the curriculum moves on window
+    by window), the batches of each window in a seeded random order."""
+    rng, out, size = random.Random(seed), [], window * batch_size
+    for start in range(0, len(examples), size):
+        rows = sorted(range(start, min(start + size, len(examples))), key=lengths.__getitem__)
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        rng.shuffle(batches)
+        out += [examples[i] for batch in batches for i in batch]
     return out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 
 import pytest
 import torch
@@ -107,3 +108,29 @@ def test_a_new_run_copies_the_base_model_pretrained_by_another(world, tmp_path, 
     other = dataclasses.replace(TINY, seed=1)  # another recipe is not the cached model
     with pytest.raises(pytest.fail.Exception, match="pretrained again"):
         pretrain_base(world, tmp_path / "run3" / "base", other)
+
+
+def test_length_sorted_batches_hold_similar_lengths_window_by_window():
+    from dyprag.world_base import length_sorted
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 180) for _ in range(1000)]
+    examples = list(range(1000))  # each example is its own index
+    out = length_sorted(examples, lengths, batch_size=10, window=5, seed=0)
+    assert sorted(out) == examples  # a permutation
+    for start in range(0, 1000, 50):  # each window keeps its own examples (the curriculum)
+        assert set(out[start:start + 50]) == set(range(start, start + 50))
+
+    def padded(order):
+        return sum(max(lengths[i] for i in order[b:b + 10]) * 10 for b in range(0, 1000, 10))
+
+    assert padded(out) < 0.8 * padded(examples)
+    assert length_sorted(examples, lengths, 10, 5, seed=0) == out  # seeded
+
+
+def test_the_length_window_is_part_of_the_recipe_only_when_on(world, tmp_path):
+    off = pretrain_base(world, tmp_path / "off", TINY)
+    on = pretrain_base(world, tmp_path / "on", dataclasses.replace(TINY, length_window=2))
+    key = {p: json.loads((p / "pretrain.json").read_text())["fingerprint"] for p in (off, on)}
+    assert key[off] != key[on]
+    assert "length_window" not in json.loads((off / "pretrain.json").read_text())["config"]
