@@ -172,6 +172,20 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
 
 
+def linked_copy(src: str | os.PathLike, dst: str | os.PathLike, ignore=None) -> None:
+    """``src`` as a new directory ``dst``, atomically (``atomic_dir``), its files hard-linked
+    where the filesystem allows, else copied; ``ignore`` as ``shutil.copytree``'s. Safe because
+    every writer here replaces a file or ``unshare``s it first, never writes through a link."""
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, symlinks=True, copy_function=link_or_copy, ignore=ignore)
+
+
 def unshare(path: str | os.PathLike) -> None:
     """Before writing into ``path`` in place (appending), give it an inode of its own when it
     is hard-linked (a rerun's staging copy shares its files with the finished run)."""

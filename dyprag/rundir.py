@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dyprag.config import Config, RunConfig
-from dyprag.files import atomic_dir, read_json
+from dyprag.files import linked_copy, read_json
 from dyprag.qa import QAExample, load_qa
 
 if TYPE_CHECKING:
@@ -186,10 +186,8 @@ def begin(final: Path, rebuild: tuple[str, ...] = (), main_process: bool = True)
     else:
         out = _attempt(final)
         if not out.exists():
-            with atomic_dir(out) as tmp:
-                shutil.copytree(final, tmp, symlinks=True, copy_function=os.link,
-                                ignore=lambda d, names: [n for n in names if Path(d) == final
-                                                         and n in DESCRIBES_THE_RUN])
+            linked_copy(final, out, ignore=lambda d, names: [
+                n for n in names if Path(d) == final and n in DESCRIBES_THE_RUN])
     out.mkdir(parents=True, exist_ok=True)
     for stage in rebuild:
         for name in STAGE_PATHS[stage]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from torch.utils.data import DataLoader
 from dyprag.config import PretrainConfig
 from dyprag.corpus import iter_corpus
 from dyprag.examples import Segments, collate
-from dyprag.files import atomic_dir, atomic_write_json, fingerprint, is_cached, read_json
+from dyprag.files import atomic_dir, atomic_write_json, fingerprint, is_cached, linked_copy, read_json
 from dyprag.models import model_cache
 from dyprag.optim import adamw_warmup_cosine
 from dyprag.prompts import passage_context, qa_prompt
@@ -191,7 +189,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
     if is_cached(meta_path, key):
         return out
     if is_cached(shared / meta_path.name, key):
-        _copy(shared, out)
+        linked_copy(shared, out)
         print(f"[dyprag] base model copied from {shared}, pretrained there in "
               f"{read_json(shared / meta_path.name)['seconds']}s (delete it to pretrain again)",
               flush=True)
@@ -240,7 +238,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
             "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
             "steps": steps, "seconds": round(seconds, 1)})
     try:
-        _copy(out, shared)
+        linked_copy(out, shared)
     except OSError as err:  # a read-only or full cache costs later runs time, not this one
         print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
     return out
@@ -264,19 +262,6 @@ def shared_base_dir(key: str) -> Path:
     """Where the world's base model of fingerprint ``key`` is kept for every run and clone:
     ``$DYPRAG_CACHE/models/world-base-<key>`` (default ``~/.cache/dyprag/models``)."""
     return model_cache() / f"world-base-{key}"
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """``src`` as a new directory ``dst``, atomically; files hard-linked where the filesystem
-    allows (every writer replaces files, never writes through them), else copied."""
-    def link_or_copy(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, copy_function=link_or_copy)
 
 
 def main() -> None:
