@@ -4,7 +4,9 @@
     python evaluate.py --run checkpoints/world --modes vanilla rag@3 dyprag@1 dyprag+rag@3
     python evaluate.py --qa data/popqa/popQA.tsv --qa dev.json:2wqa --limit 300
 
-Writes into ``<run>/eval/`` (or ``--out``): ``report.md`` (the grid), ``report.json``,
+Writes into ``<run>/eval/`` (or ``--out``): ``report.md`` (the grid and, with a DyPRAG mode,
+the translator's document dependence: dyprag@1 F1 with an irrelevant document and the mean
+cosine of the generated ΔW across documents), ``report.json``,
 ``predictions.jsonl`` (one line per dataset × question × mode: question, gold answers,
 retrieved ids, prediction, EM, F1), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
 grid as a table to a W&B run in the run directory (offline unless W&B is configured;
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from dyprag.answer import evaluate
+    from dyprag.answer import document_dependence, evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import exact_match, f1_score
     from dyprag.report import markdown, plot
@@ -76,33 +78,40 @@ def _run(args) -> int:
     args.modes = args.modes or run.config.eval.modes
     out = args.out or run.path / "eval"
     k = max(parse_mode(m)[1] for m in args.modes) or 1
-    grid, predictions = {}, []
+    dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in args.modes)
+    grid, dependence, predictions = {}, {}, []
+    ev = run.config.eval
     for name, examples in datasets(args, run):
         if not examples:
             raise ValueError(f"dataset {name} has no questions")
         questions = [qa.question for qa in examples]
-        hits = [[d for d, _ in h] for h in run.retrieve(questions, k)]
-        if any(parse_mode(m)[0].startswith("dyprag") for m in args.modes):
+        retrieved = run.retrieve(questions, k)
+        hits = [[d for d, _ in h] for h in retrieved]
+        golds = [qa.answers for qa in examples]
+        if dyprag:
             run.ensure_embeddings({d for h in hits for d in h})
-        scores, answers = evaluate(run.model, run.tokenizer, args.modes, questions,
-                                   [qa.answers for qa in examples], hits, run.knowledge,
-                                   run.config.eval.max_new_tokens, run.config.eval.batch_size,
-                                   progress=functools.partial(_progress, name), fmt=run.fmt)
-        grid[name] = scores
+        grid[name], answers = evaluate(run.model, run.tokenizer, args.modes, questions, golds,
+                                       hits, run.knowledge, ev.max_new_tokens, ev.batch_size,
+                                       progress=functools.partial(_progress, name), fmt=run.fmt,
+                                       scores=[[s for _, s in h] for h in retrieved])
+        if dyprag and len({h[0] for h in hits}) > 1:
+            dependence[name] = document_dependence(run.model, run.tokenizer, questions, golds,
+                                                   hits, run.knowledge, ev.max_new_tokens,
+                                                   ev.batch_size, run.fmt, run.config.run.seed)
         predictions += [{"dataset": name, "mode": m, "question": qa.question,
                          "answers": qa.answers, "retrieved": h, "prediction": answers[m][i],
                          "em": exact_match(answers[m][i], qa.answers),
                          "f1": f1_score(answers[m][i], qa.answers)}
                         for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
     out.mkdir(parents=True, exist_ok=True)
-    report = markdown(grid, args.modes)
+    report = markdown(grid, args.modes, dependence)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "report.json", {"run": str(run.path), "modes": args.modes,
-                                            "grid": grid})
+                                            "grid": grid, "document_dependence": dependence})
     atomic_write_jsonl(out / "predictions.jsonl", predictions)
     plot(grid, args.modes, out / "f1.png")
     if not args.no_wandb:
-        log_wandb(run, grid, args.modes)
+        log_wandb(run, grid, args.modes, dependence)
     print(report)
     print(f"wrote {out}/report.md, report.json, predictions.jsonl, f1.png", file=sys.stderr)
     return 0
@@ -112,7 +121,7 @@ def _progress(dataset: str, mode: str, scores: dict) -> None:
     print(f"{dataset} {mode}: F1 {scores['f1']:.3f}", file=sys.stderr)
 
 
-def log_wandb(run, grid: dict, modes: list[str]) -> None:
+def log_wandb(run, grid: dict, modes: list[str], dependence: dict) -> None:
     import wandb
 
     from dyprag.loggers import wandb_mode
@@ -128,6 +137,8 @@ def log_wandb(run, grid: dict, modes: list[str]) -> None:
         wb.log({"eval/grid": wandb.Table(columns=columns, data=rows)})
         wb.summary.update({f"eval/f1/{name}/{m}": s[m]["f1"] for name, s in grid.items()
                            for m in modes})
+        wb.summary.update({f"eval/{key}/{name}": v for name, d in dependence.items()
+                           for key, v in d.items()})
 
 
 if __name__ == "__main__":

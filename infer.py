@@ -114,8 +114,7 @@ def _run(args) -> int:
     k = args.k or run.config.index.k
     mode = args.mode if args.mode == "vanilla" else f"{args.mode}@{k}"
     hits = run.retrieve(questions, k)
-    answers = run.answer(questions, [[d for d, _ in h] for h in hits], mode,
-                         max_new_tokens=args.max_new_tokens)
+    answers = run.answer(questions, hits, mode, max_new_tokens=args.max_new_tokens)
     for question, hit, reply in zip(questions, hits, answers):
         passages = [{"id": d, "score": round(s, 4), "text": run.knowledge.passages[d]}
                     for d, s in hit]
@@ -130,7 +129,7 @@ def _run(args) -> int:
     if args.export_peft:
         from dyprag.lora_io import export_peft
 
-        lora = run.lora([d for d, _ in hits[0]], mode)
+        lora = run.lora(hits[0], mode)
         if lora is None:
             raise ValueError(f"mode {mode} injects no LoRA; nothing to export")
         export_peft(lora, run.model, args.export_peft, base_model_name_or_path=run.model_id)

@@ -14,13 +14,16 @@
    ``dyprag@1``.
 
 Prints one JSON object as its last line: ``recall@1``, ``recall@3``, ``f1`` and ``em`` by
-mode, ``f1_paper_translator`` (its dyprag@1), ``translator_params`` (``default``, ``paper``),
+mode, ``dyprag_irrelevant`` (dyprag@1 F1 with another question's document in place of the
+retrieved one) and ``delta_cosine`` (the mean pairwise cosine of the generated ΔW across the
+test documents), ``f1_paper_translator`` (its dyprag@1), ``translator_params`` (``default``, ``paper``),
 ``translator_fit_f1`` (DyPRAG F1 on the augmented questions of the documents each translator
 trained on, ``seen``, and of held-out ones), ``pretrain_seconds``, ``bank_seconds``,
 ``train_seconds``, ``stage_seconds`` (of the default job, by stage) and ``f1_default_job``
 (the default job's own table).
 Targets: recall@3 ≥ 0.95, rag@3 ≥ 0.90, vanilla ≤ 0.15; prag@1 ≥ 0.80, prag+rag@3 ≥ rag@3;
-dyprag@1 ≥ 0.80 and ≥ 0.9 × prag@1, dyprag+rag@3 ≥ rag@3.
+dyprag@1 ≥ 0.80 and ≥ 0.9 × prag@1, dyprag+rag@3 ≥ rag@3; prag@3 ≥ 0.9 × prag@1, dyprag@3 ≥
+0.9 × dyprag@1; dyprag_irrelevant within 0.05 of vanilla; delta_cosine ≤ 0.95.
 """
 
 from __future__ import annotations
@@ -61,6 +64,8 @@ def main() -> None:
         "recall@1": round(results["recall@1"], 4), "recall@3": round(results["recall@3"], 4),
         "f1": {m: round(v, 4) for m, v in results["f1"].items()},
         "em": {m: round(v, 4) for m, v in results["em"].items()},
+        "dyprag_irrelevant": round(results["dyprag_irrelevant"], 4),
+        "delta_cosine": round(results["delta_cosine"], 4),
         "f1_paper_translator": {"dyprag@1": round(paper["f1"]["dyprag@1"], 4)},
         "translator_params": {"default": results["translator_params"],
                               "paper": paper["translator_params"]},

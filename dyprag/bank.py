@@ -5,7 +5,8 @@
 PRAG trains each document's LoRA alone, at batch 1. Here row ``b`` of every batch is a
 different document and goes through that document's own LoRA (per-sample injection), so one
 forward/backward trains ``docs_per_step`` LoRAs. Each document's result equals training it
-alone with the same recipe, because
+alone with the same recipe (without the locality term, which reads another document's
+example), because
 
 - the loss is the **sum** over rows of each row's mean token loss, so each LoRA's gradient is
   exactly its own document's gradient;
@@ -52,22 +53,45 @@ from dyprag.prompts import PLAIN, PromptFormat
 FORMAT = "dyprag-bank"
 
 
-def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss of each row over its labelled tokens, ``(N,)``.
+def answer_logits(model, batch: dict[str, torch.Tensor],
+                  start: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Next-token logits from position ``start`` on and the labels they predict:
+    ``(N, T − start − 1, V)`` (fp32), ``(N, T − start − 1)``, and ``start``.
 
-    Logits are computed only from the first position whose next token is labelled in some
-    row (the answers), not over whole prompts: with a real vocabulary the output head is
-    most of the cost of a short sequence.
+    ``start`` defaults to the first position whose next token is labelled in some row (the
+    answers): logits are not computed over whole prompts, since with a real vocabulary the
+    output head is most of the cost of a short sequence.
     """
     labels = batch["labels"]  # (N, T)
-    labelled = (labels[:, 1:] != -100).any(0).nonzero()
-    start = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
+    if start is None:
+        labelled = (labels[:, 1:] != -100).any(0).nonzero()
+        start = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    logits_to_keep=labels.shape[1] - start).logits  # (N, T - start, V)
-    targets = labels[:, start + 1:]  # (N, T - start - 1)
-    tokens = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                             ignore_index=-100, reduction="none")
-    return tokens.sum(1) / (targets != -100).sum(1).clamp_min(1)
+    return logits[:, :-1].float(), labels[:, start + 1:], start
+
+
+def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss of each row over its labelled tokens, ``(N,)``."""
+    logits, targets, _ = answer_logits(model, batch)
+    return token_mean(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                      reduction="none"), targets)
+
+
+def token_mean(per_token: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``(N, T)`` per-token values → each row's mean over its labelled tokens, ``(N,)``."""
+    labelled = targets != -100
+    return (per_token * labelled).sum(1) / labelled.sum(1).clamp_min(1)
+
+
+def locality_kl(logits: torch.Tensor, base_logits: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ with LoRA) of the next-token distributions, each row's mean over its labelled
+    tokens, ``(N,)``: how far a LoRA moves the base model's answers to questions that are not
+    about its document (the locality term; zero when the LoRA is)."""
+    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(base_logits, -1), log_target=True,
+                  reduction="none").sum(-1)  # (N, T)
+    return token_mean(kl, targets)
 
 
 def _autocast(device: torch.device):
@@ -76,12 +100,31 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _step_losses(model, tokenizer, lora: LoRA, rows: Sequence[Segments]) -> torch.Tensor:
-    """``row_losses`` of ``rows`` (one example each) with ``lora`` injected, ``(len(rows),)``."""
+def _step_losses(model, tokenizer, lora: LoRA, rows: Sequence[Segments],
+                 w_locality: float = 0.0) -> torch.Tensor:
+    """``row_losses`` of ``rows`` (one example each) with ``lora`` injected, ``(len(rows),)``.
+
+    ``w_locality`` > 0 (and more than one row): row ``b`` also adds ``w_locality`` times the
+    ``locality_kl`` of LoRA ``b`` on row ``b + 1``'s example (another document's), against
+    the base model without a LoRA. Each LoRA's gradient is still its own row's alone.
+    """
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in collate(tokenizer, rows).items()}
-    with inject_lora(model).use(lora), _autocast(device):
-        return row_losses(model, batch)
+    n = len(rows)
+    local = w_locality > 0 and n > 1
+    examples = [*rows, *rows[1:], rows[0]] if local else list(rows)  # row n + b: b + 1's
+    batch = {k: v.to(device) for k, v in collate(tokenizer, examples).items()}
+    injection = inject_lora(model)
+    with _autocast(device):
+        if not local:
+            with injection.use(lora):
+                return row_losses(model, batch)
+        with injection.use(lora.map(lambda t: torch.cat([t, t]))):
+            logits, targets, start = answer_logits(model, batch)
+        with torch.no_grad():
+            base, _, _ = answer_logits(model, {k: v[n:] for k, v in batch.items()}, start)
+    own = token_mean(F.cross_entropy(logits[:n].transpose(1, 2), targets[:n],
+                                     ignore_index=-100, reduction="none"), targets[:n])
+    return own + w_locality * locality_kl(logits[n:], base, targets[n:])
 
 
 def _train_dtype(model) -> torch.dtype:
@@ -96,10 +139,11 @@ def _optimizer(lora: LoRA, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: LoRA,
-                lr: float, epochs: int, weight_decay: float = 0.0) -> tuple[LoRA, torch.Tensor]:
+                lr: float, epochs: int, weight_decay: float = 0.0,
+                w_locality: float = 0.0) -> tuple[LoRA, torch.Tensor]:
     """Train one LoRA per document from ``init`` (unbatched); returns them batched and each
     document's mean loss over its last epoch. Every document needs the same number of
-    examples: step ``j`` holds example ``j`` of each."""
+    examples: step ``j`` holds example ``j`` of each. ``w_locality``: ``_step_losses``."""
     counts = {len(ex) for ex in examples}
     assert len(counts) == 1, f"documents of one group need equal example counts, got {counts}"
     device = next(model.parameters()).device
@@ -113,7 +157,8 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
     for _ in range(epochs):
         last.zero_()
         for j in range(steps):
-            losses = _step_losses(model, tokenizer, lora, [ex[j] for ex in examples])  # (n,)
+            losses = _step_losses(model, tokenizer, lora, [ex[j] for ex in examples],
+                                  w_locality)  # (n,)
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise FloatingPointError(f"non-finite loss for document row {bad} at step {j}")
@@ -127,7 +172,7 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
 
 def _fingerprint(docs: Sequence[AugmentedDoc], config: BankConfig, base_model: str,
                  shapes: dict[Key, tuple[int, int]], fmt: PromptFormat) -> str:
-    h = hashlib.sha256(json.dumps([dataclasses.asdict(config), base_model,
+    h = hashlib.sha256(json.dumps([config.recipe(), base_model,
                                    sorted((f"{k[0]}.{k[1]}", v) for k, v in shapes.items())]
                                   # the prompt's wording (chat template, instruction)
                                   + ([fmt.prompt("Q?", ["P."])] if fmt.kind != "plain" else []),
@@ -235,7 +280,8 @@ def _train_shard(model, tokenizer, docs: list[AugmentedDoc], examples: list[list
         for g in range(0, len(members), config.docs_per_step):
             group = members[g:g + config.docs_per_step]
             lora, loss = train_loras(model, tokenizer, [examples[i] for i in group], init,
-                                     config.lr, config.epochs, config.weight_decay)
+                                     config.lr, config.epochs, config.weight_decay,
+                                     config.w_locality)
             lora = lora.to("cpu")
             for row, i in enumerate(group):
                 rows[i], losses[i] = lora[row], float(loss[row])
@@ -331,9 +377,11 @@ class LoRABank:
     def some_id(self) -> str:
         return next(iter(self.index))
 
-    def combined(self, hits: Sequence[Sequence[str]], missing_ok: bool = False) -> LoRA:
+    def combined(self, hits: Sequence[Sequence[str]], missing_ok: bool = False,
+                 weights: torch.Tensor | None = None) -> LoRA:
         """PRAG's knowledge for each question: the sum of the deltas of its retrieved documents
-        (rank concatenation), batched over questions: ``(N, k·r, in)``, ``(N, out, k·r)``.
+        (rank concatenation), batched over questions: ``(N, k·r, in)``, ``(N, out, k·r)``;
+        ``weights`` ``(N, k)`` scales each document's delta.
 
         ``missing_ok``: a document without a LoRA (its augmentation wrote no QA pair) adds
         nothing (zero factors) instead of raising ``KeyError``.
@@ -344,7 +392,8 @@ class LoRABank:
             have = [d for d in doc_ids if d in self] if missing_ok else list(doc_ids)
             loras = self.get(have) if have else None
             found = {d: loras[i] for i, d in enumerate(have)}
-            per_question.append(combine([found.get(d, zero) for d in doc_ids]))
+            per_question.append(combine([found.get(d, zero) for d in doc_ids],
+                                        None if weights is None else weights[len(per_question)]))
         return LoRA.stack(per_question)
 
 

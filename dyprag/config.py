@@ -4,8 +4,8 @@
     config.train.lr, config.bank, config.eval.modes
 
 A run config (``Config``) has the sections ``run``, ``data``, ``model`` (with ``pretrain``),
-``index``, ``prompt``, ``augment``, ``bank``, ``translator``, ``train``, ``eval`` and ``wandb``,
-each a dataclass below: its fields' defaults are the embedded synthetic-world job (so
+``index``, ``knowledge``, ``prompt``, ``augment``, ``bank``, ``translator``, ``train``,
+``eval`` and ``wandb``, each a dataclass below: its fields' defaults are the embedded synthetic-world job (so
 ``python train.py`` needs no file), and a ``Literal`` field's arguments are the only place its
 choices are listed (``choices(TrainConfig, "mse_space")``). A file may start from another with
 ``base: other.yaml`` (resolved relative to the file); overrides use dotted keys and YAML values
@@ -25,7 +25,7 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -48,8 +48,20 @@ class Section:
     """A config section: ``problems()`` lists its bad values (its fields' types are checked by
     the loader); constructing one with a bad value raises ``ConfigError``."""
 
+    # Options added after runs cached their outputs under a fingerprint of the section: left
+    # out of ``recipe()`` while at their default (off), so those caches stay valid.
+    ADDED: ClassVar[tuple[str, ...]] = ()
+
     def problems(self) -> list[str]:
         return []
+
+    def recipe(self) -> dict[str, Any]:
+        """The section's fields for a cache fingerprint (``ADDED`` ones only when set)."""
+        out = dataclasses.asdict(self)
+        for name in self.ADDED:
+            if out[name] == type(self).__dataclass_fields__[name].default:
+                del out[name]
+        return out
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -125,6 +137,7 @@ class PretrainConfig(Section):
     # pretraining 243 s instead of 445 s, and a better table (bench/RESULTS.md); not yet the
     # default (one draw so far).
     length_window: int = 0
+    ADDED = ("length_window",)
 
     def problems(self) -> list[str]:
         return _at_least(self, 0, "length_window") + _at_least(self, 1, "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -152,6 +165,24 @@ class IndexConfig(Section):
 
     def problems(self) -> list[str]:
         return _at_least(self, 1, "k")
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig(Section):
+    """How the retrieved documents' LoRAs are applied to a question (eval, infer.py)."""
+
+    # "sum": each document's delta at weight 1 (PRAG); "softmax": weights softmax(score / t)
+    # over the question's k retrieval scores, summing to one.
+    combine: Literal["sum", "softmax"] = "sum"
+    temperature: float = 0.05
+    scale: float = 1.0  # every document's delta times this
+    # "all": the LoRA acts on every position; "answer": only where the answer is produced
+    # (the prompt's last token and each new one), so the prompt is read by the base model.
+    inject: Literal["all", "answer"] = "all"
+
+    def problems(self) -> list[str]:
+        return [f"{n}: must be > 0, got {getattr(self, n)}" for n in ("temperature", "scale")
+                if not getattr(self, n) > 0]
 
 
 @dataclass(frozen=True)
@@ -200,6 +231,9 @@ class BankConfig(Section):
     qa_closed_book: int = 10
     text: bool = True
     loss_on: Literal["answer", "all"] = "answer"  # loss on answer tokens, or on every token
+    # Locality: each step also asks every LoRA another document's example and adds this
+    # times the KL from the base model's next-token distribution there (0: off).
+    w_locality: float = 0.0
     # "shared": every LoRA starts from one seeded init (A random, B zero), as PRAG does;
     # "warmup": from a LoRA first trained briefly on many documents (PRAG's ablation).
     init: Literal["shared", "warmup"] = "shared"
@@ -210,7 +244,7 @@ class BankConfig(Section):
 
     def problems(self) -> list[str]:
         return _at_least(self, 1, "rank", "epochs", "docs_per_step", "shard_size") + _at_least(
-            self, 0, "qa_with_passage", "qa_closed_book")
+            self, 0, "qa_with_passage", "qa_closed_book", "w_locality")
 
 
 @dataclass(frozen=True)
@@ -242,6 +276,9 @@ class TrainConfig(Section):
     w_lm: float = 1.0
     w_kl: float = 0.0
     w_mse: float = 0.0
+    # Locality: the generated LoRA of each row on the next row's example (another document's),
+    # times this KL from the base model's next-token distribution there (0: off).
+    w_locality: float = 0.0
     mse_space: Literal["delta", "factor"] = "delta"
     gradient_clip: float = 1.0
     accelerator: str = "auto"
@@ -260,7 +297,7 @@ class TrainConfig(Section):
 
     def problems(self) -> list[str]:
         out = _at_least(self, 1, "epochs", "batch_size", "log_every_n_steps") + _at_least(
-            self, 0, "val_questions", "w_lm", "w_kl", "w_mse", "qa_with_passage")
+            self, 0, "val_questions", "w_lm", "w_kl", "w_mse", "w_locality", "qa_with_passage")
         if self.lr <= 0:
             out.append(f"lr: must be > 0, got {self.lr}")
         return out
@@ -299,6 +336,7 @@ class Config(Section):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
     prompt: PromptConfig = field(default_factory=PromptConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     bank: BankConfig = field(default_factory=BankConfig)

@@ -3,7 +3,8 @@
 For a batch of (document, training example) rows, with ``student = translator(embedding)``
 and ``teacher`` = the document's bank LoRA, both injected per sample:
 
-    L = w_lm · L_lm + w_kl · L_kl + w_mse · L_mse        (DyPRAG: 1, 0.01, 100)
+    L = w_lm · L_lm + w_kl · L_kl + w_mse · L_mse + w_locality · L_locality
+                                                          (DyPRAG: 1, 0.01, 100, 0)
 
 - ``L_lm``: next-token loss on the example's labelled tokens with the student injected;
 - ``L_kl``: KL(teacher ‖ student) of the next-token distributions, **averaged over real
@@ -11,7 +12,10 @@ and ``teacher`` = the document's bank LoRA, both injected per sample:
 - ``L_mse``: distance of student to teacher, in delta space (the default: the mean squared
   error between the entries of ``ΔW_student`` and ``ΔW_teacher``, computed with
   ``delta_distance`` without forming either, so independent of how ΔW is factorised) or in
-  factor space (``factor_mse``, DyPRAG's), averaged over targets and the batch.
+  factor space (``factor_mse``, DyPRAG's), averaged over targets and the batch;
+- ``L_locality``: row ``b``'s student on row ``b + 1``'s example (another document's): the
+  KL from the base model's next-token distribution over its labelled tokens, averaged over
+  rows whose documents differ, so a generated LoRA speaks only about its own document.
 
 Also logged: the RMS entry of the generated ΔW beside the bank's (``lora_rms_student`` /
 ``lora_rms_teacher``), and, on validation, DyPRAG F1 on held-out documents' questions.
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dyprag.bank import answer_logits, locality_kl
 from dyprag.config import TrainConfig, choices
 from dyprag.examples import Segments, collate
 from dyprag.generate import generate_answers
@@ -83,6 +88,7 @@ class DistillationData(Dataset):
         teacher = self.teachers[self.teacher_row[docs]]
         batch["teacher_A"], batch["teacher_B"] = teacher.A, teacher.B
         batch["distilled"] = self.distilled[docs]
+        batch["doc"] = docs
         return batch
 
 
@@ -158,7 +164,7 @@ class TranslatorDistillation(pl.LightningModule):
     def __init__(self, model, translator: ParameterTranslator, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
                  w_lm: float = 1.0, w_kl: float = 0.01, w_mse: float = 100.0,
-                 mse_space: str = "delta"):
+                 mse_space: str = "delta", w_locality: float = 0.0):
         super().__init__()
         if mse_space not in choices(TrainConfig, "mse_space"):
             raise ValueError(f"mse_space must be one of {choices(TrainConfig, 'mse_space')}, "
@@ -168,7 +174,7 @@ class TranslatorDistillation(pl.LightningModule):
         self.__dict__["base"] = model
         self.injection = inject_lora(model)
         self.lr, self.wd, self.warmup, self.total = lr, weight_decay, warmup_steps, total_steps
-        self.weights = {"lm": w_lm, "kl": w_kl, "mse": w_mse}
+        self.weights = {"lm": w_lm, "kl": w_kl, "mse": w_mse, "locality": w_locality}
         self.mse_space = mse_space
         # Entries of ΔW per target, for the delta-space MSE's mean: Σ_targets in·out.
         self.delta_entries = torch.tensor([translator.shapes[k][0] * translator.shapes[k][1]
@@ -204,13 +210,30 @@ class TranslatorDistillation(pl.LightningModule):
             return (per_row * w).sum() / w.sum().clamp_min(1)
 
         mse = over_distilled(rows)
-        total = sum(self.weights[k] * v for k, v in (("lm", lm), ("kl", kl), ("mse", mse)))
+        locality = self.locality(student, batch) if self.weights["locality"] else kl.new_zeros(())
+        terms = {"lm": lm, "kl": kl, "mse": mse, "locality": locality}
+        total = sum(self.weights[k] * v for k, v in terms.items())
         with torch.no_grad():
             zero = student.map(torch.zeros_like)
             teacher_ms = over_distilled(delta_mse(teacher, zero, self.delta_entries))
             norms = {"lora_rms_student": delta_mse(student, zero, self.delta_entries).mean().sqrt(),
                      "lora_rms_teacher": teacher_ms.sqrt()}
-        return {"loss": total, "lm": lm, "kl": kl, "mse": mse, **norms}
+        return {"loss": total, **terms, **norms}
+
+    def locality(self, student: LoRA, batch: dict) -> Tensor:
+        """``L_locality``: the KL from the base model's answers on row ``b + 1``'s example to
+        those with row ``b``'s student, over rows whose documents differ."""
+        n = batch["input_ids"].shape[0]
+        nxt = torch.arange(n, device=batch["input_ids"].device).roll(-1)
+        other = {k: batch[k][nxt] for k in ("input_ids", "attention_mask", "labels")}
+        with torch.no_grad():
+            base, _, start = answer_logits(self.base, other)
+        with self.injection.use(student):
+            logits, targets, _ = answer_logits(self.base, other, start)
+        rows = locality_kl(logits, base, targets)  # (N,)
+        differ = ((batch["doc"] != batch["doc"][nxt]).to(rows) if "doc" in batch
+                  else torch.ones_like(rows))
+        return (rows * differ).sum() / differ.sum().clamp_min(1)
 
     def training_step(self, batch: dict, _: int) -> Tensor:
         losses = self.losses(batch)

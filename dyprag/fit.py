@@ -114,7 +114,7 @@ def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], lim
 
 def _fingerprint(config: Config, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
                  train: list[AugmentedDoc], val: list[AugmentedDoc], extra: list[str]) -> str:
-    keep = {k: v for k, v in dataclasses.asdict(config.train).items()
+    keep = {k: v for k, v in config.train.recipe().items()
             if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
     parts = [dataclasses.asdict(config.translator), keep, bank.meta["fingerprint"], model_id,
              config.run.seed, [d.doc_id for d in train], [d.doc_id for d in val],
@@ -144,7 +144,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     system = TranslatorDistillation(model, translator, lr=tr.lr, weight_decay=tr.weight_decay,
                                     warmup_steps=tr.warmup_steps, total_steps=None,
                                     w_lm=tr.w_lm, w_kl=tr.w_kl, w_mse=tr.w_mse,
-                                    mse_space=tr.mse_space)
+                                    mse_space=tr.mse_space, w_locality=tr.w_locality)
     fmt = prompt_format(tokenizer, config.prompt.format)
     system.val_qa = _validation_questions(val_docs, tr.val_questions, tokenizer, embeddings,
                                           fmt)

@@ -16,12 +16,14 @@ from dyprag.prompts import PLAIN, PromptFormat
 @torch.no_grad()
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8,
                      batch_size: int = 64, lora: LoRA | None = None,
-                     fmt: PromptFormat = PLAIN) -> list[str]:
+                     fmt: PromptFormat = PLAIN, last_only: bool = False) -> list[str]:
     """Greedy answers for ``prompts`` (left-padded batches), decoded without specials and
     read with ``fmt.extract``.
 
     ``lora``: injected while generating; one LoRA for all prompts, or a batched LoRA with
-    one row per prompt (each prompt answered with its own knowledge).
+    one row per prompt (each prompt answered with its own knowledge). ``last_only``: the
+    prompt is read by the base model and the LoRA acts only where the answer is produced
+    (``LoRAInjection.use``).
     """
     device = next(model.parameters()).device
     if lora is not None and lora.batch_size not in (None, len(prompts)):
@@ -34,7 +36,7 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
                           add_special_tokens=False).to(device)
         _check_context(model, batch["attention_mask"].sum(1), max_new_tokens, start)
         active = lora if lora is None or lora.batch_size is None else lora[start:start + batch_size]
-        with injection.use(active) if injection else contextlib.nullcontext():
+        with injection.use(active, last_only) if injection else contextlib.nullcontext():
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)

@@ -32,7 +32,7 @@ from dyprag.lora import Key, LoRA
 from dyprag.models import FFNTarget, find_ffn_targets
 
 _ATTR = "_dyprag_injection"  # on the model: its LoRAInjection
-_STATE = "_dyprag_lora"  # on each hooked linear: (batch size or None, [_Slot]) or None
+_STATE = "_dyprag_lora"  # on each hooked linear: (batch size or None, [_Slot], last_only) or None
 
 # Per hooked linear: one (rows, Aᵀ, Bᵀ, scaling) entry per logical projection it holds;
 # rows is None when the projection owns the whole output, Aᵀ/Bᵀ None when it has no LoRA.
@@ -48,9 +48,13 @@ def _lora_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
     state = getattr(module, _STATE, None)
     if state is None:
         return None
-    n, slots = state
+    n, slots, last_only = state
     x = args[0]
     out = out.contiguous()  # a no-op for nn.Linear; makes the views below valid
+    if last_only and x.dim() == 3:  # only each sequence's last position: (rows, 1, in)
+        x, full, out = x[:, -1:], out, out[:, -1:]
+    else:
+        full = out
     if any(a_t is not None and a_t.dtype != out.dtype for _, a_t, _, _ in slots):
         # Under autocast the linear's output is in the autocast dtype, and in-place ops are
         # not autocast: bring the factors to it (differentiably).
@@ -60,7 +64,7 @@ def _lora_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
     # copy per projection; autograd allows it since a linear's backward never reads its output.
     if n is None:  # broadcast: flatten every leading dim into rows
         x2 = x.reshape(-1, x.shape[-1])  # (rows, in)
-        out2 = out.view(-1, out.shape[-1])  # (rows, out)
+        out2 = out.view(-1, out.shape[-1])  # (rows, out), a view of ``full``
         for rows, a_t, b_t, s in slots:
             if a_t is not None:
                 target = out2 if rows is None else out2[:, rows]
@@ -71,12 +75,12 @@ def _lora_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
                              f"has shape {tuple(x.shape)}; expected (N·m, T, in) with N={n}")
         # Rows b·m … b·m+m−1 belong to sample b (generate expands inputs consecutively).
         x3 = x.reshape(n, -1, x.shape[-1])  # (N, m·T, in)
-        out3 = out.view(n, -1, out.shape[-1])  # (N, m·T, out)
+        out3 = out.view(n, -1, out.shape[-1])  # (N, m·T, out), a view of ``full``
         for rows, a_t, b_t, s in slots:
             if a_t is not None:
                 target = out3 if rows is None else out3[..., rows]
                 target.baddbmm_(torch.bmm(x3, a_t), b_t, alpha=s)  # (N, m·T, r) @ (N, r, out)
-    return out
+    return full
 
 
 def inject_lora(model: nn.Module) -> LoRAInjection:
@@ -151,9 +155,12 @@ class LoRAInjection:
 
     # ---- the active LoRA ------------------------------------------------------------------
     @contextmanager
-    def use(self, lora: LoRA | None) -> Iterator[None]:
+    def use(self, lora: LoRA | None, last_only: bool = False) -> Iterator[None]:
         """Make ``lora`` active for the forward passes inside the block (``None``: none).
 
+        ``last_only``: the LoRA acts only on the last position of each forward's sequences.
+        With a KV cache, a ``generate`` then reads the prompt with the base model and applies
+        the LoRA where the answer is produced (the prompt's last token, every new token).
         Nesting restores the outer LoRA on exit. Gradients flow to ``lora``'s tensors.
         """
         previous = [getattr(linear, _STATE) for linear in self._linears]
@@ -161,7 +168,7 @@ class LoRAInjection:
             self.check(lora)
         for linear, parts in zip(self._linears, self._parts):
             slots = None if lora is None else self._slots(parts, lora)
-            setattr(linear, _STATE, (lora.batch_size, slots) if slots else None)
+            setattr(linear, _STATE, (lora.batch_size, slots, last_only) if slots else None)
         try:
             yield
         finally:

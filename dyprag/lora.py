@@ -246,12 +246,32 @@ def factor_mse(x: LoRA, y: LoRA) -> Tensor:
     return total / len(x.keys)
 
 
-def sum_groups(lora: LoRA, k: int) -> LoRA:
+def sum_groups(lora: LoRA, k: int, weights: Tensor | None = None) -> LoRA:
     """Rows ``i·k … i·k + k − 1`` of a batched LoRA summed into row ``i`` (rank
-    concatenation): ``N·k`` documents' LoRAs → ``N`` combined ones."""
+    concatenation): ``N·k`` documents' LoRAs → ``N`` combined ones; ``weights`` ``(N, k)``
+    scales each document's delta (``combine``)."""
     if lora.batch_size is None or lora.batch_size % k:
         raise ValueError(f"a batch of {lora.batch_size} LoRAs does not split into groups of {k}")
-    if k == 1:
+    if k == 1 and weights is None:
         return lora
     rows = torch.arange(lora.batch_size // k, device=lora.device) * k
-    return combine([lora[rows + j] for j in range(k)])
+    return combine([lora[rows + j] for j in range(k)], weights)
+
+
+def delta_cosines(lora: LoRA) -> Tensor:
+    """Cosine similarity of the N deltas of a batched LoRA, ``(N, N)``: each document's
+    ``ΔW`` over all targets as one vector. Traces of r×r products (``_trace_product``'s
+    identity, batched as one Gram matrix of the stacked factors per target), so no ΔW is
+    formed."""
+    if lora.batch_size is None:
+        raise ValueError("delta_cosines needs a batched LoRA")
+    n, r = lora.batch_size, lora.rank
+    gram = 0
+    for _, a, b in lora.items():
+        a, b = a.double(), b.double()
+        bb = b.transpose(1, 2).reshape(n * r, -1) @ b.transpose(1, 2).reshape(n * r, -1).T
+        aa = a.reshape(n * r, -1) @ a.reshape(n * r, -1).T  # (N·r, N·r)
+        # tr((B_i A_i)ᵀ B_j A_j) = Σ_kl (B_iᵀ B_j)[k, l] · (A_i A_jᵀ)[k, l]
+        gram = gram + (bb * aa).view(n, r, n, r).sum((1, 3))
+    norms = gram.diagonal().clamp_min(1e-30).sqrt()
+    return (gram / norms[:, None] / norms[None, :]).to(lora.dtype)

@@ -27,7 +27,7 @@ import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dyprag import rundir
-from dyprag.answer import Knowledge, evaluate
+from dyprag.answer import Knowledge, document_dependence, evaluate
 from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
 from dyprag.config import Config, dump, parse_mode
@@ -250,7 +250,7 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
         bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
     with clock("embeddings"):
-        test, hits = test_retrieval(config, data, retriever)
+        test, hits, scores = test_retrieval(config, data, retriever)
         encoder = document_encoder(config.translator.embedding, model, tokenizer, model_id,
                                    retriever.embedder)
         embeddings = document_embeddings(config, retriever, encoder, data,
@@ -268,10 +268,10 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     if not fitted.is_global_zero:
         return None
     shown = read_passages(data.corpus, (d for h in hits for d in h))  # all a prompt can hold
-    results = stage_eval(config, data, test, hits, model, tokenizer, model_id, out,
+    results = stage_eval(config, data, test, hits, scores, model, tokenizer, model_id, out,
                          Knowledge({d: p.text for d, p in shown.items()},
                                    translator=fitted.translator, embeddings=embeddings,
-                                   missing_ok=True), clock)
+                                   missing_ok=True, config=config.knowledge), clock)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["stage_seconds"] = clock.seconds
     results["prompt_format"], results["augment"] = fmt.kind, augment_method(config)
@@ -287,21 +287,24 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     return results
 
 
-def test_retrieval(config: Config, data: Data, retriever: Retriever) -> tuple[list[QAExample], list]:
-    """The evaluated questions and their top-k document ids (k: the largest of eval.modes)."""
+def test_retrieval(config: Config, data: Data,
+                   retriever: Retriever) -> tuple[list[QAExample], list, list]:
+    """The evaluated questions, their top-k document ids and their retrieval scores (k: the
+    largest of eval.modes)."""
     test = rundir.first(data.test, config.eval.limit)
     if not test:
         raise ValueError("no test questions to evaluate")
     k_max = max([parse_mode(m)[1] for m in config.eval.modes] + [1])
     hits = retriever.retrieve([qa.question for qa in test], k=k_max)
-    return test, [[d for d, _ in h] for h in hits]
+    return test, [[d for d, _ in h] for h in hits], [[s for _, s in h] for h in hits]
 
 
-def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[list[str]], model,
-               tokenizer, model_id: str, out: Path, knowledge: Knowledge,
-               clock: StageClock | None = None) -> dict:
+def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[list[str]],
+               scores: list[list[float]], model, tokenizer, model_id: str, out: Path,
+               knowledge: Knowledge, clock: StageClock | None = None) -> dict:
     """Every mode of ``eval.modes`` on the test questions; PRAG modes first train the bank
-    LoRAs of the documents retrieved for them (a second bank, ``bank-eval``)."""
+    LoRAs of the documents retrieved for them (a second bank, ``bank-eval``). With a DyPRAG
+    mode, also the translator's ``document_dependence``."""
     clock = clock or StageClock()
     ev = config.eval
     fmt = prompt_format(tokenizer, config.prompt.format)
@@ -320,14 +323,23 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
             knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / rundir.BANK_EVAL,
                                                  config.bank, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
+    golds = [qa.answers for qa in test]
     with clock("eval"):
-        scores, predictions = evaluate(
-            model, tokenizer, ev.modes, questions, [qa.answers for qa in test], hits,
+        grid, predictions = evaluate(
+            model, tokenizer, ev.modes, questions, golds, hits,
             knowledge, ev.max_new_tokens, ev.batch_size,
             progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"),
-            fmt=fmt)
+            fmt=fmt, scores=scores)
+        dependence = {}
+        if any(parse_mode(m)[0].startswith("dyprag") for m in ev.modes):
+            dependence = document_dependence(model, tokenizer, questions, golds, hits, knowledge,
+                                             ev.max_new_tokens, ev.batch_size, fmt,
+                                             config.run.seed)
+            log(f"document dependence: dyprag@1 with an irrelevant document F1 "
+                f"{dependence['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "
+                f"{dependence['delta_cosine']:.3f}")
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev.modes}}
                for i, qa in enumerate(test[:ev.samples])]
-    return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in scores.items()},
-            "em": {m: s["em"] for m, s in scores.items()}, "samples": samples}
+    return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in grid.items()},
+            "em": {m: s["em"] for m, s in grid.items()}, **dependence, "samples": samples}

@@ -20,16 +20,26 @@ def table(results: dict) -> str:
         lines.append(f"translator on its training documents' questions: F1 {fit['seen']:.3f}"
                      + (f"; on held-out documents': {fit['held_out']:.3f}"
                         if fit.get("held_out") is not None else ""))
+    if "delta_cosine" in results:
+        lines.append(f"dyprag@1 with an irrelevant document: F1 {results['dyprag_irrelevant']:.3f}"
+                     f"; mean cosine of the generated ΔW across documents "
+                     f"{results['delta_cosine']:.3f}")
     how = [f"{name}: {results[k]}" for k, name in (("prompt_format", "prompts"),
                                                    ("augment", "augmentation")) if k in results]
     return "\n".join(lines + [f"{results['questions']} test questions"
                               + (f" ({', '.join(how)})" if how else "")])
 
 
-def markdown(grid: dict, modes: list[str]) -> str:
+def markdown(grid: dict, modes: list[str], dependence: dict | None = None) -> str:
+    """The grid (dataset × mode), then the translator's document dependence by dataset."""
     lines = ["| dataset | mode | EM | F1 | ms / question |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {m} | {s[m]['em']:.3f} | {s[m]['f1']:.3f} | "
               f"{s[m]['ms_per_question']:.1f} |" for name, s in grid.items() for m in modes]
+    if dependence:
+        lines += ["", "| dataset | dyprag@1 F1, irrelevant document | mean ΔW cosine across "
+                  "documents |", "| --- | --- | --- |"]
+        lines += [f"| {name} | {d['dyprag_irrelevant']:.3f} | {d['delta_cosine']:.3f} |"
+                  for name, d in dependence.items()]
     return "\n".join(lines) + "\n"
 
 

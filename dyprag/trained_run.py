@@ -2,7 +2,7 @@
 
     run = TrainedRun.open("checkpoints/world")
     hits = run.retrieve(["Where was Nerys Northcott born?"], k=3)   # [[(doc id, score)]]
-    answers = run.answer(questions, [[d for d, _ in h] for h in hits], "dyprag@3")
+    answers = run.answer(questions, hits, "dyprag@3")
 
 Everything comes from the run directory: the resolved ``config.yaml``, the base model (the
 world's own, or ``model.name``), the index, the translator (refused when it was trained for
@@ -76,7 +76,8 @@ class TrainedRun:
                  if (path / name / "meta.json").is_file()]
         bank = BankSet(banks) if banks else None
         return cls(path, config, model, tokenizer, model_id, retriever,
-                   Knowledge({}, bank=bank, translator=translator.eval(), embeddings=embeddings),
+                   Knowledge({}, bank=bank, translator=translator.eval(), embeddings=embeddings,
+                             config=config.knowledge),
                    corpus)
 
     def retrieve(self, questions: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -97,8 +98,12 @@ class TrainedRun:
             raise RunError(f"documents {sorted(missing)[:3]} of the index are not in the "
                            f"run's corpus {self.corpus} (index built for another corpus?)")
 
-    def answer(self, questions: Sequence[str], hits: Sequence[Sequence[str]], mode: str,
-               max_new_tokens: int | None = None, batch_size: int | None = None) -> list[str]:
+    def answer(self, questions: Sequence[str], hits: Sequence[Sequence[tuple[str, float]]],
+               mode: str, max_new_tokens: int | None = None,
+               batch_size: int | None = None) -> list[str]:
+        """Answers in ``mode`` given each question's retrieved ``(id, score)`` (``retrieve``)."""
+        scores = [[s for _, s in h] for h in hits]
+        hits = [[d for d, _ in h] for h in hits]
         name, _ = parse_mode(mode)
         if name.startswith("prag"):
             bank = self.knowledge.bank
@@ -113,7 +118,7 @@ class TrainedRun:
         ev = self.config.eval
         return answer(self.model, self.tokenizer, mode, questions, hits, self.knowledge,
                       ev.max_new_tokens if max_new_tokens is None else max_new_tokens,
-                      ev.batch_size if batch_size is None else batch_size, self.fmt)
+                      ev.batch_size if batch_size is None else batch_size, self.fmt, scores)
 
     def ensure_embeddings(self, doc_ids: set[str]) -> None:
         """LLM embeddings are stored for the documents training and eval needed; others are
@@ -127,11 +132,13 @@ class TrainedRun:
             vectors = encoder.encode([self.knowledge.passages[d] for d in missing])
             self.knowledge.embeddings = table.extended(missing, vectors)
 
-    def lora(self, doc_ids: Sequence[str], mode: str) -> LoRA | None:
-        """The LoRA ``mode`` injects for one question whose top documents are ``doc_ids``."""
+    def lora(self, hit: Sequence[tuple[str, float]], mode: str) -> LoRA | None:
+        """The LoRA ``mode`` injects for one question whose top documents are ``hit``
+        (``(id, score)``, from ``retrieve``)."""
+        doc_ids = [d for d, _ in hit]
         if parse_mode(mode)[0].startswith("dyprag"):
             self.ensure_embeddings(set(doc_ids))
-        lora = mode_lora(mode, [list(doc_ids)], self.knowledge)
+        lora = mode_lora(mode, [doc_ids], self.knowledge, [[s for _, s in hit]])
         return None if lora is None else lora[0]
 
 

@@ -180,11 +180,8 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
     model), from where a new run copies it instead of pretraining again."""
     world, out = Path(world_dir), Path(out_dir)
     recipe = recipe or PretrainConfig()
-    config = dataclasses.asdict(recipe)
-    if not recipe.length_window:  # off: the model of the recipe from before the option existed
-        del config["length_window"]
     world_key = read_json(world / "meta.json")["fingerprint"]
-    key = fingerprint([world_key, config])
+    key = fingerprint([world_key, recipe.recipe()])
     meta_path, shared = out / "pretrain.json", shared_base_dir(key)
     if is_cached(meta_path, key):
         return out
@@ -235,7 +232,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         model.eval().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / meta_path.name, {
-            "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
+            "fingerprint": key, "config": recipe.recipe(), "world": world_key, "examples": len(examples),
             "steps": steps, "seconds": round(seconds, 1)})
     try:
         linked_copy(out, shared)

@@ -8,11 +8,21 @@ import torch
 from conftest import tiny_model
 from torch.testing import assert_close
 
-from dyprag.answer import EmbeddingTable, Knowledge, answer, mode_prompts, translated
-from dyprag.config import parse_mode
+from dyprag.answer import (
+    EmbeddingTable,
+    Knowledge,
+    answer,
+    document_dependence,
+    document_weights,
+    irrelevant_hits,
+    mode_lora,
+    mode_prompts,
+    translated,
+)
+from dyprag.config import KnowledgeConfig, parse_mode
 from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
-from dyprag.lora import combine
+from dyprag.lora import LoRA, combine
 from dyprag.prompts import qa_prompt
 from dyprag.translator import ParameterTranslator
 from dyprag.world_base import build_tokenizer
@@ -86,3 +96,76 @@ def test_embedding_table_names_missing_documents():
     _, _, _, table = setup()
     with pytest.raises(KeyError, match="zz"):
         table.get(["a", "zz"])
+
+
+def test_softmax_weights_sum_to_one_and_follow_the_scores():
+    config = KnowledgeConfig(combine="softmax", temperature=0.1)
+    w = document_weights(config, 3, 2, [[0.9, 0.5, 0.1], [0.4, 0.4, 0.4]])
+    assert_close(w.sum(-1), torch.ones(2))
+    assert w[0, 0] > 0.95 and w[0, 1] > w[0, 2]
+    assert_close(w[1], torch.full((3,), 1 / 3))
+    scaled = document_weights(KnowledgeConfig(combine="softmax", scale=0.5), 3, 1, [[1, 0, 0]])
+    assert_close(scaled.sum(), torch.tensor(0.5))
+    assert document_weights(KnowledgeConfig(), 3, 2) is None  # the plain sum
+    with pytest.raises(ValueError, match="retrieval scores"):
+        document_weights(config, 3, 2)
+
+
+def test_softmax_combination_weighs_each_documents_delta():
+    _, _, translator, table = setup()
+    knowledge = Knowledge(PASSAGES, translator=translator, embeddings=table,
+                          config=KnowledgeConfig(combine="softmax", temperature=0.5))
+    scores = [[0.8, 0.3], [0.6, 0.1]]
+    lora = mode_lora("dyprag@2", HITS, knowledge, scores)
+    for q, docs in enumerate(HITS):
+        w = torch.softmax(torch.tensor(scores[q]) / 0.5, 0)
+        expected = combine([translator(table.get([d])) for d in docs], w)
+        for key in lora.keys:
+            assert_close(lora[q].delta(key), expected[0].delta(key), rtol=1e-4, atol=1e-4)
+
+
+def test_answer_injection_and_scale_reach_the_generation():
+    """inject=answer answers as generate_answers with last_only, and the scale multiplies
+    each delta (a small one: this translator's deltas are large enough to saturate)."""
+    model, tokenizer, translator, table = setup()
+
+    def knowledge(**config):
+        return Knowledge(PASSAGES, translator=translator, embeddings=table,
+                         config=KnowledgeConfig(scale=0.003, **config))
+
+    got = answer(model, tokenizer, "dyprag@1", QUESTIONS, HITS, knowledge(inject="answer"))
+    lora = translated(translator, table, HITS, 1)
+    lora = LoRA(lora.A, {k: 0.003 * b for k, b in lora.B.items()}, lora.alpha)
+    prompts = [qa_prompt(q) for q in QUESTIONS]
+    assert got == generate_answers(model, tokenizer, prompts, lora=lora, last_only=True)
+    assert got != answer(model, tokenizer, "dyprag@1", QUESTIONS, HITS, knowledge())
+    assert got != answer(model, tokenizer, "vanilla", QUESTIONS, HITS, knowledge())
+
+
+def test_irrelevant_hits_are_other_questions_documents():
+    hits = [["a", "b"], ["b", "c"], ["c", "a"], ["a", "c"]]
+    wrong = irrelevant_hits(hits, seed=3)
+    assert [len(w) for w in wrong] == [1] * 4
+    for h, (w,) in zip(hits, wrong):
+        assert w not in h and w in {"a", "b", "c"}
+    assert wrong == irrelevant_hits(hits, seed=3)
+    with pytest.raises(ValueError, match="two"):
+        irrelevant_hits([["a"], ["a"]])
+
+
+def test_document_dependence_reports_irrelevant_f1_and_delta_cosine():
+    model, tokenizer, translator, table = setup()
+    knowledge = Knowledge(PASSAGES, translator=translator, embeddings=table)
+    hits = [["a"], ["c"], ["b"]]
+    questions = [*QUESTIONS, "Who employs Tamsin?"]
+    golds = [["Velmora"], ["Aldergate"], ["Halvex"]]
+    got = document_dependence(model, tokenizer, questions, golds, hits, knowledge)
+    assert set(got) == {"dyprag_irrelevant", "delta_cosine"}
+    assert 0 <= got["dyprag_irrelevant"] <= 1
+    assert -1 <= got["delta_cosine"] < 0.99  # random translator weights: distinct deltas
+    with torch.no_grad():  # a translator that ignores its input: every ΔW the same
+        for name, p in translator.named_parameters():
+            if p.dim() > 1 and p.shape[-1] == table.get(["a"]).shape[-1]:
+                p.zero_()
+    same = document_dependence(model, tokenizer, questions, golds, hits, knowledge)
+    assert same["delta_cosine"] > 0.999

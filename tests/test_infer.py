@@ -67,7 +67,7 @@ def test_only_retrieved_passages_are_read_and_a_foreign_corpus_is_named(tiny_run
 def test_batched_answers_equal_one_at_a_time(tiny_run, questions):
     _, out = tiny_run
     run = TrainedRun.open(out)
-    hits = [[d for d, _ in h] for h in run.retrieve(questions, 3)]
+    hits = run.retrieve(questions, 3)
     batched = run.answer(questions, hits, "dyprag+rag@3", batch_size=len(questions))
     alone = [run.answer([q], [h], "dyprag+rag@3")[0] for q, h in zip(questions, hits)]
     assert batched == alone

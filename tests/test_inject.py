@@ -6,10 +6,10 @@ import copy
 
 import pytest
 import torch
+from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from peft import LoraConfig, get_peft_model
 from torch.testing import assert_close
 
-from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, combine
 
@@ -151,6 +151,48 @@ def test_generate_batch_with_per_sample_loras_equals_each_alone(num_beams):
             alone.append(_generate(model, ids[b:b + 1], num_beams=num_beams)[0])
     assert torch.equal(together, torch.stack(alone))
     assert len({tuple(row.tolist()) for row in together[:, 10:]}) > 1, "LoRAs must matter"
+
+
+@pytest.mark.parametrize("batch_size", [None, 3])
+def test_last_only_leaves_every_earlier_position_to_the_base_model(batch_size):
+    model = tiny_model()
+    injection = inject_lora(model)
+    lora = random_lora(model, batch_size=batch_size)
+    ids = tokens(3, 8)
+    base = model(ids, output_hidden_states=True).hidden_states[-1]
+    with injection.use(lora):
+        full = model(ids).logits
+    with injection.use(lora, last_only=True):
+        out = model(ids, output_hidden_states=True)
+    assert_close(out.hidden_states[-1][:, :-1], base[:, :-1])
+    assert not torch.allclose(out.hidden_states[-1][:, -1], base[:, -1])
+    # The last position sees the base model's keys and values of the prompt, not the LoRA's.
+    assert not torch.allclose(out.logits[:, -1], full[:, -1])
+
+
+def test_last_only_generate_reads_the_prompt_with_the_base_model():
+    """With a KV cache the prompt is read once by the base model and the LoRA acts where the
+    answer is produced: the prompt's last position and every new token."""
+    model = tiny_model("qwen2", head_scale=8.0)
+    injection = inject_lora(model)
+    loras = random_lora(model, batch_size=2, std=0.5)
+    ids = tokens(2, 10)
+
+    def generate():
+        out = _generate(model, ids, return_dict_in_generate=True, output_logits=True)
+        return out.sequences, out.logits
+
+    with injection.use(loras, last_only=True):
+        generated, logits = generate()
+    with injection.use(loras):
+        assert not torch.allclose(generate()[1][1], logits[1]), "the positions must matter"
+    # The second new token by hand: positions 0..8 cached by the base model, 9 and 10 with
+    # the LoRA.
+    with torch.no_grad():
+        cache = model(generated[:, :9], use_cache=True).past_key_values
+        with injection.use(loras):
+            step = model(generated[:, 9:11], cache=cache, use_cache=True).logits
+    assert_close(step[:, -1], logits[1])
 
 
 def test_merge_matches_unmerged_and_unmerge_is_bit_exact(arch):

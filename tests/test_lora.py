@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from peft import PeftModel
 from torch.testing import assert_close
 
-from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine, delta_distance, factor_mse, sum_groups
+from dyprag.lora import LoRA, combine, delta_cosines, delta_distance, factor_mse, sum_groups
 from dyprag.lora_io import export_peft, load_lora, save_lora
 
 SHAPES = {(0, "gate"): (6, 10), (0, "up"): (6, 10), (0, "down"): (10, 6),
@@ -73,6 +73,28 @@ def test_sum_groups_sums_each_run_of_k_rows():
     assert sum_groups(lora, 1) is lora
     with pytest.raises(ValueError, match="groups of 4"):
         sum_groups(lora, 4)
+
+
+def test_sum_groups_weights_each_document():
+    lora = _random(4, batch_size=4)  # two groups of two
+    weights = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    summed = sum_groups(lora, 2, weights)
+    for key in lora.keys:
+        assert_close(summed[0].delta(key), 0.25 * lora[0].delta(key) + 0.75 * lora[1].delta(key))
+        assert_close(summed[1].delta(key), lora[2].delta(key))
+    single = sum_groups(lora, 1, torch.full((4, 1), 0.5))
+    assert_close(single[3].delta(key), 0.5 * lora[3].delta(key))
+
+
+def test_delta_cosines_equal_those_of_the_formed_deltas():
+    lora = _random(5, rank=3, batch_size=4)
+    lora = LoRA.stack([lora[0], lora[1], lora[0].map(lambda t: 2 * t), lora[3]])
+    flat = torch.cat([torch.stack([lora[i].delta(k).flatten() for k in lora.keys]).flatten()[None]
+                      for i in range(4)])
+    expected = torch.nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)
+    cosines = delta_cosines(lora)
+    assert_close(cosines, expected)
+    assert_close(float(cosines[0, 2]), 1.0)  # (2A, 2B): the same direction
 
 
 @pytest.mark.parametrize("batch_size", [None, 3])
