@@ -106,7 +106,7 @@ def test_softmax_weights_sum_to_one_and_follow_the_scores():
     assert_close(w[1], torch.full((3,), 1 / 3))
     scaled = document_weights(KnowledgeConfig(combine="softmax", scale=0.5), 3, 1, [[1, 0, 0]])
     assert_close(scaled.sum(), torch.tensor(0.5))
-    assert document_weights(KnowledgeConfig(), 3, 2) is None  # the plain sum
+    assert document_weights(KnowledgeConfig(combine="sum"), 3, 2) is None  # the plain sum
     with pytest.raises(ValueError, match="retrieval scores"):
         document_weights(config, 3, 2)
 

@@ -179,11 +179,13 @@ def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
         recipe = translator_recipe(load_config(None, overrides))
         return ["".join(t for t, _ in ex) for ex in document_examples(doc, recipe, tokenizer)]
 
-    qa_only = texts([])
+    qa_only = texts(["train.qa_with_passage=0"])
     assert len(qa_only) == 1 and "Velmora" not in qa_only[0].split("Answer:")[0]
-    with_text = texts(["train.passage_lm=true"])
+    with_text = texts(["train.passage_lm=true", "train.qa_with_passage=0"])
     assert any(t.startswith(doc.text) for t in with_text) and len(with_text) == 3
-    assert len(texts(["train.qa_with_passage=1"])) == 3  # + the QA after each of 2 texts
+    with_passage = texts([])  # the default, train.qa_with_passage=1
+    assert len(with_passage) == 3  # + the QA after each of 2 texts
+    assert with_passage[0].startswith(f"Passage: {doc.text}")
 
 
 def test_lm_only_documents_share_one_zero_teacher():
