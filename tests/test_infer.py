@@ -135,6 +135,9 @@ def test_evaluate_writes_the_grid_predictions_plot_and_wandb_run(tiny_run, tmp_p
     assert len(rows) == 5 * len(modes) and {"prediction", "f1", "retrieved"} <= set(rows[0])
     assert (tmp_path / "f1.png").read_bytes()[:4] == b"\x89PNG"
     assert "| qa_test | dyprag@1 |" in (tmp_path / "report.md").read_text()
+    dependence = report["document_dependence"]["qa_test"]
+    assert 0 <= dependence["dyprag_irrelevant"] <= 1 and -1 <= dependence["delta_cosine"] <= 1
+    assert f"| qa_test | {dependence['dyprag_irrelevant']:.3f} |" in (tmp_path / "report.md").read_text()
     assert list(out.glob("wandb/offline-run-*/files/media/table/eval/grid_*.table.json"))
 
 

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 LOGGED = ["train/loss", "train/lm", "train/kl", "train/mse", "train/lr", "train/grad_norm",
           "train/lora_rms_student", "train/lora_rms_teacher", "val/loss", "val/kl",
-          "val/dyprag_f1", "eval/translator_fit_f1/seen", *(f"eval/f1/{m}" for m in MODES)]
+          "val/dyprag_f1", "eval/translator_fit_f1/seen", "eval/dyprag_irrelevant",
+          "eval/delta_cosine", *(f"eval/f1/{m}" for m in MODES)]
 
 
 @pytest.fixture
@@ -73,6 +74,8 @@ def test_eval_json_describes_the_run(run):
     config, out = run
     results = read_json(out / "eval.json")
     assert results["questions"] == 60 and results["translator_params"] > 0
+    # the translator's document dependence, with the table's line for it
+    assert 0 <= results["dyprag_irrelevant"] <= 1 and -1 <= results["delta_cosine"] <= 1
     # how the run asked and augmented (the world: plain prompts, template QA), and its stages
     assert (results["prompt_format"], results["augment"]) == ("plain", "template")
     assert {"data", "base", "index", "augment", "bank", "embeddings", "translator",
