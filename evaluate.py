@@ -4,9 +4,10 @@
     python evaluate.py --run checkpoints/world --modes vanilla rag@3 dyprag@1 dyprag+rag@3
     python evaluate.py --qa data/popqa/popQA.tsv --qa dev.json:2wqa --limit 300
 
-Writes into ``<run>/eval/`` (or ``--out``): ``report.md`` (the grid and, with a DyPRAG mode,
-the translator's document dependence: dyprag@1 F1 with an irrelevant document and the mean
-cosine of the generated ΔW across documents), ``report.json``,
+Writes into ``<run>/eval/`` (or ``--out``): ``report.md`` (the grid and, with a DyPRAG mode
+and questions about at least two documents, the translator's document dependence: dyprag@1
+F1 with an irrelevant document and the mean cosine of the generated ΔW across documents),
+``report.json``,
 ``predictions.jsonl`` (one line per dataset × question × mode: question, gold answers,
 retrieved ids, prediction, EM, F1), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
 grid as a table to a W&B run in the run directory (offline unless W&B is configured;
