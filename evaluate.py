@@ -95,7 +95,7 @@ def _run(args) -> int:
                                        hits, run.knowledge, ev.max_new_tokens, ev.batch_size,
                                        progress=functools.partial(_progress, name), fmt=run.fmt,
                                        scores=[[s for _, s in h] for h in retrieved])
-        if dyprag and len({h[0] for h in hits}) > 1:
+        if dyprag:
             dependence[name] = document_dependence(run.model, run.tokenizer, questions, golds,
                                                    hits, run.knowledge, ev.max_new_tokens,
                                                    ev.batch_size, run.fmt, run.config.run.seed)
@@ -105,6 +105,7 @@ def _run(args) -> int:
                          "f1": f1_score(answers[m][i], qa.answers)}
                         for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
     out.mkdir(parents=True, exist_ok=True)
+    dependence = {name: d for name, d in dependence.items() if d}  # ≥ 2 documents only
     report = markdown(grid, args.modes, dependence)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "report.json", {"run": str(run.path), "modes": args.modes,

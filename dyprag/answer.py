@@ -169,8 +169,12 @@ def document_dependence(model, tokenizer, questions: Sequence[str],
     """Does the translator read its document? ``dyprag_irrelevant``: F1 of ``dyprag@1`` with
     another question's document (``irrelevant_hits``; near the closed book when it does);
     ``delta_cosine``: the mean pairwise cosine similarity of the generated ΔW of the questions'
-    top documents (the first ``MAX_COSINE_DOCS``; near 1 when it ignores its input)."""
-    wrong = irrelevant_hits(hits, seed)
+    top documents (the first ``MAX_COSINE_DOCS``; near 1 when it ignores its input).
+    Empty when the questions are not about at least two documents (nothing to swap in)."""
+    try:
+        wrong = irrelevant_hits(hits, seed)
+    except ValueError:
+        return {}
     predictions = answer(model, tokenizer, "dyprag@1", questions, wrong, knowledge,
                          max_new_tokens, batch_size, fmt)
     docs = sorted({h[0] for h in hits})[:MAX_COSINE_DOCS]

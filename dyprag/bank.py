@@ -73,7 +73,11 @@ def answer_logits(model, batch: dict[str, torch.Tensor],
 
 def row_losses(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss of each row over its labelled tokens, ``(N,)``."""
-    logits, targets, _ = answer_logits(model, batch)
+    return answer_loss(*answer_logits(model, batch)[:2])
+
+
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``answer_logits``' logits and targets → each row's mean cross-entropy, ``(N,)``."""
     return token_mean(F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
                                       reduction="none"), targets)
 
@@ -122,9 +126,8 @@ def _step_losses(model, tokenizer, lora: LoRA, rows: Sequence[Segments],
             logits, targets, start = answer_logits(model, batch)
         with torch.no_grad():
             base, _, _ = answer_logits(model, {k: v[n:] for k, v in batch.items()}, start)
-    own = token_mean(F.cross_entropy(logits[:n].transpose(1, 2), targets[:n],
-                                     ignore_index=-100, reduction="none"), targets[:n])
-    return own + w_locality * locality_kl(logits[n:], base, targets[n:])
+    return (answer_loss(logits[:n], targets[:n])
+            + w_locality * locality_kl(logits[n:], base, targets[n:]))
 
 
 def _train_dtype(model) -> torch.dtype:

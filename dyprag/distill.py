@@ -231,8 +231,7 @@ class TranslatorDistillation(pl.LightningModule):
         with self.injection.use(student):
             logits, targets, _ = answer_logits(self.base, other, start)
         rows = locality_kl(logits, base, targets)  # (N,)
-        differ = ((batch["doc"] != batch["doc"][nxt]).to(rows) if "doc" in batch
-                  else torch.ones_like(rows))
+        differ = (batch["doc"] != batch["doc"][nxt]).to(rows)
         return (rows * differ).sum() / differ.sum().clamp_min(1)
 
     def training_step(self, batch: dict, _: int) -> Tensor:

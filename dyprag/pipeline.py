@@ -335,6 +335,7 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
             dependence = document_dependence(model, tokenizer, questions, golds, hits, knowledge,
                                              ev.max_new_tokens, ev.batch_size, fmt,
                                              config.run.seed)
+        if dependence:
             log(f"document dependence: dyprag@1 with an irrelevant document F1 "
                 f"{dependence['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "
                 f"{dependence['delta_cosine']:.3f}")

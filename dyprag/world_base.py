@@ -181,7 +181,8 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
     world, out = Path(world_dir), Path(out_dir)
     recipe = recipe or PretrainConfig()
     world_key = read_json(world / "meta.json")["fingerprint"]
-    key = fingerprint([world_key, recipe.recipe()])
+    config = recipe.recipe()  # what the fingerprint covers, also written to pretrain.json
+    key = fingerprint([world_key, config])
     meta_path, shared = out / "pretrain.json", shared_base_dir(key)
     if is_cached(meta_path, key):
         return out
@@ -232,7 +233,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         model.eval().save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         atomic_write_json(tmp / meta_path.name, {
-            "fingerprint": key, "config": recipe.recipe(), "world": world_key, "examples": len(examples),
+            "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
             "steps": steps, "seconds": round(seconds, 1)})
     try:
         linked_copy(out, shared)

@@ -169,3 +169,10 @@ def test_document_dependence_reports_irrelevant_f1_and_delta_cosine():
                 p.zero_()
     same = document_dependence(model, tokenizer, questions, golds, hits, knowledge)
     assert same["delta_cosine"] > 0.999
+
+
+def test_document_dependence_is_empty_for_questions_about_one_document():
+    model, tokenizer, translator, table = setup()
+    knowledge = Knowledge(PASSAGES, translator=translator, embeddings=table)
+    assert document_dependence(model, tokenizer, QUESTIONS, [["Velmora"], ["Velmora"]],
+                               [["a"], ["a"]], knowledge) == {}
