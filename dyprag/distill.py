@@ -26,7 +26,7 @@ translator only.
 
 from __future__ import annotations
 
-import functools
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dyprag.bank import answer_logits, locality_kl
 from dyprag.config import TrainConfig, choices
-from dyprag.examples import Segments, collate
+from dyprag.examples import Segments, Tokens, length_sorted, pad, tokenize
 from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
@@ -50,7 +50,7 @@ from dyprag.translator import ParameterTranslator
 
 
 class DistillationData(Dataset):
-    """Rows of (document index, one of its training examples).
+    """Rows of (document index, one of its training examples), tokenized once.
 
     ``embeddings``: ``(num_docs, D)``; ``examples[i]``: document ``i``'s training sequences;
     ``distilled``: ``(num_docs,)`` 1 for documents with a bank LoRA, 0 for LM-only ones
@@ -59,8 +59,8 @@ class DistillationData(Dataset):
     terms ignore (6,000 copies of it would take 1.1 GiB in the world).
     """
 
-    def __init__(self, embeddings: Tensor, teachers: LoRA, examples: Sequence[Sequence[Segments]],
-                 distilled: Tensor | None = None):
+    def __init__(self, tokenizer, embeddings: Tensor, teachers: LoRA,
+                 examples: Sequence[Sequence[Segments]], distilled: Tensor | None = None):
         self.distilled = torch.ones(len(examples)) if distilled is None else distilled.float()
         n_teachers = int((self.distilled > 0).sum())
         if not (embeddings.shape[0] == len(examples) == len(self.distilled)
@@ -74,16 +74,23 @@ class DistillationData(Dataset):
         self.teacher_row = torch.where(self.distilled > 0, (self.distilled > 0).cumsum(0) - 1,
                                        n_teachers)
         self.rows = [(i, ex) for i, doc in enumerate(examples) for ex in doc]
+        self.tokens = tokenize(tokenizer, [ex for _, ex in self.rows])  # once, not per batch
+        self.pad_id = tokenizer.pad_token_id
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, Segments]:
-        return self.rows[index]
+    def __getitem__(self, index: int) -> tuple[int, Tokens]:
+        return self.rows[index][0], self.tokens[index]
 
-    def collate(self, tokenizer, rows: Sequence[tuple[int, Segments]]) -> dict:
+    @property
+    def lengths(self) -> list[int]:
+        """Every row's token count."""
+        return [len(ids) for ids, _ in self.tokens]
+
+    def collate(self, rows: Sequence[tuple[int, Tokens]]) -> dict:
         docs = torch.tensor([i for i, _ in rows])
-        batch = collate(tokenizer, [ex for _, ex in rows])
+        batch = pad([ex for _, ex in rows], self.pad_id)
         batch["embedding"] = self.embeddings[docs]
         teacher = self.teachers[self.teacher_row[docs]]
         batch["teacher_A"], batch["teacher_B"] = teacher.A, teacher.B
@@ -120,10 +127,18 @@ class EpochShuffle(Sampler[int]):
     """A permutation of ``range(n)`` drawn from ``seed + epoch`` alone, so an epoch sees the
     same order whether the fit ran straight through or resumed from a checkpoint (a
     ``RandomSampler`` draws from the global RNG, whose state a resumed process does not
-    share). Lightning calls ``set_epoch`` before every epoch."""
+    share). Lightning calls ``set_epoch`` before every epoch.
 
-    def __init__(self, n: int, seed: int):
+    With ``lengths``, consecutive batches of ``batch_size`` hold rows of similar lengths
+    (``length_sorted`` over windows of ``window`` batches of the permutation): in the world
+    a document's closed-book questions are ~15 tokens and its questions with the passage ~65,
+    so random batches were 55% padding."""
+
+    def __init__(self, n: int, seed: int, lengths: Sequence[int] | None = None,
+                 batch_size: int = 1, window: int = 64, spread: float = 0.5):
         self.n, self.seed, self.epoch = n, seed, 0
+        self.lengths, self.batch_size, self.window = lengths, batch_size, window
+        self.spread = spread
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -133,26 +148,31 @@ class EpochShuffle(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=generator).tolist())
+        order = torch.randperm(self.n, generator=generator).tolist()
+        if self.lengths is not None:
+            order = length_sorted(order, [self.lengths[i] for i in order], self.batch_size,
+                                  self.window, random.Random(self.seed + self.epoch),
+                                  spread=self.spread)
+        return iter(order)
 
 
 class DistillationDataModule(pl.LightningDataModule):
     """Training and held-out ``DistillationData``, batched with ``DistillationData.collate``;
-    training rows in a ``seed``ed order per epoch."""
+    training rows in a ``seed``ed order per epoch, batched by length (``EpochShuffle``)."""
 
-    def __init__(self, tokenizer, train: DistillationData, val: DistillationData | None = None,
+    def __init__(self, train: DistillationData, val: DistillationData | None = None,
                  batch_size: int = 32, num_workers: int = 0, seed: int = 0):
         super().__init__()
-        self.tokenizer, self.train, self.val = tokenizer, train, val
+        self.train, self.val = train, val
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
 
     def _loader(self, data: DistillationData, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(data, batch_size=self.batch_size, sampler=sampler,
-                          num_workers=self.num_workers,
-                          collate_fn=functools.partial(data.collate, self.tokenizer))
+                          num_workers=self.num_workers, collate_fn=data.collate)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, EpochShuffle(len(self.train), self.seed))
+        return self._loader(self.train, EpochShuffle(len(self.train), self.seed,
+                                                     self.train.lengths, self.batch_size))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val) if self.val is not None else []
@@ -195,12 +215,15 @@ class TranslatorDistillation(pl.LightningModule):
         lm = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
         w = batch.get("distilled", torch.ones(ids.shape[0])).to(logits)  # (N,) has a teacher
         kl = logits.new_zeros(())
-        if self.weights["kl"] and w.any():  # the teacher's forward only when it counts
-            with torch.no_grad(), self.injection.use(teacher.to(dtype=student.dtype)):
-                teacher_logits = self.base(input_ids=ids, attention_mask=mask).logits.float()
-            kl_tokens = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1),
-                                 log_target=True, reduction="none").sum(-1)  # (N, T)
-            kl_mask = mask * w[:, None]
+        taught = w.nonzero().squeeze(1)  # the teacher's forward only on the rows it counts in
+        if self.weights["kl"] and len(taught):
+            with torch.no_grad(), self.injection.use(teacher[taught].to(dtype=student.dtype)):
+                teacher_logits = self.base(input_ids=ids[taught],
+                                           attention_mask=mask[taught]).logits.float()
+            kl_tokens = F.kl_div(F.log_softmax(logits[taught], -1),
+                                 F.log_softmax(teacher_logits, -1),
+                                 log_target=True, reduction="none").sum(-1)  # (n, T)
+            kl_mask = mask[taught] * w[taught, None]
             kl = (kl_tokens * kl_mask).sum() / kl_mask.sum().clamp_min(1)
         if self.mse_space == "delta":
             rows = delta_mse(student, teacher, self.delta_entries)  # (N,)

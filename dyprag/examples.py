@@ -7,6 +7,7 @@ translator's distillation and the world's pretraining all batch them with ``coll
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 
 import torch
@@ -39,21 +40,55 @@ def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer,
     return examples
 
 
-def collate(tokenizer, examples: Sequence[Segments]) -> dict[str, torch.Tensor]:
-    """Right-padded ids (to the longest example); labels are -100 outside trained segments
-    and on padding. The mask comes from lengths, so a pad id equal to eos is still seen."""
-    rows, labels = [], []
+Tokens = tuple[list[int], list[int]]
+"""One tokenized training sequence: ``(ids, labels)``, labels -100 outside trained segments."""
+
+
+def tokenize(tokenizer, examples: Sequence[Segments]) -> list[Tokens]:
+    """Every example's ids and labels (the segments' texts tokenized in one batched call)."""
+    texts = [text for segments in examples for text, _ in segments]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
     for segments in examples:
         row, label = [], []
-        for text, trained in segments:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            row += ids
-            label += ids if trained else [-100] * len(ids)
-        rows.append(row)
-        labels.append(label)
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])  # (N, T)
-    lab = torch.tensor([r + [-100] * (width - len(r)) for r in labels])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        for _, trained in segments:
+            piece = next(ids)
+            row += piece
+            label += piece if trained else [-100] * len(piece)
+        out.append((row, label))
+    return out
+
+
+def pad(rows: Sequence[Tokens], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids (to the longest row); labels -100 on padding. The mask comes from
+    lengths, so a pad id equal to eos is still seen."""
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r, _ in rows])  # (N, T)
+    lab = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _ in rows])
     return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def collate(tokenizer, examples: Sequence[Segments]) -> dict[str, torch.Tensor]:
+    """``examples`` tokenized and right-padded: ``input_ids``, ``attention_mask``, ``labels``."""
+    return pad(tokenize(tokenizer, examples), tokenizer.pad_token_id)
+
+
+def length_sorted(items: list, lengths: Sequence[int], batch_size: int, window: int,
+                  rng: random.Random, spread: float = 0.0) -> list:
+    """``items`` reordered so that each batch of ``batch_size`` holds similar lengths: sorted
+    by length within consecutive windows of ``window`` batches (an order, such as a curriculum,
+    moves on window by window), the batches of each window in a random order. Padding is
+    what a batch of mixed lengths wastes (39% of the positions in the world's pretraining).
+
+    ``spread``: sort by ``length · (1 + spread · u)``, ``u`` uniform in [-½, ½), so that items of
+    nearly equal lengths still mix (exactly equal lengths are often one template: a batch of
+    them all asks the same question)."""
+    out, size = [], window * batch_size
+    keys = [n * (1 + spread * (rng.random() - 0.5)) for n in lengths] if spread else lengths
+    for start in range(0, len(items), size):
+        rows = sorted(range(start, min(start + size, len(items))), key=keys.__getitem__)
+        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+        rng.shuffle(batches)
+        out += [items[i] for batch in batches for i in batch]
+    return out

@@ -43,6 +43,7 @@ from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.loggers import make_loggers
 from dyprag.metrics import score
+from dyprag.progress import FitProgress
 from dyprag.prompts import PLAIN, PromptFormat, prompt_format
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
 
@@ -81,7 +82,7 @@ def _data(docs: list[AugmentedDoc], config: Config, tokenizer, fmt: PromptFormat
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
     recipe = translator_recipe(config)
     every = [*docs, *extra]
-    return DistillationData(embeddings.get([d.doc_id for d in every]),
+    return DistillationData(tokenizer, embeddings.get([d.doc_id for d in every]),
                             lora_bank.get([d.doc_id for d in docs]),
                             [document_examples(d, recipe, tokenizer, fmt) for d in every],
                             torch.tensor([1.0] * len(docs) + [0.0] * len(extra)))
@@ -141,6 +142,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     pl.seed_everything(config.run.seed, verbose=False)
     translator = ParameterTranslator(shapes, embeddings.dim, bank.rank, bank.meta["alpha"],
                                      t.architecture, t.hidden, t.target_embed_dim)
+    translator.standardize(embeddings.get([d.doc_id for d in [*train_docs, *extra]]))
     system = TranslatorDistillation(model, translator, lr=tr.lr, weight_decay=tr.weight_decay,
                                     warmup_steps=tr.warmup_steps, total_steps=None,
                                     w_lm=tr.w_lm, w_kl=tr.w_kl, w_mse=tr.w_mse,
@@ -149,7 +151,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     system.val_qa = _validation_questions(val_docs, tr.val_questions, tokenizer, embeddings,
                                           fmt)
     datamodule = DistillationDataModule(
-        tokenizer, _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
+        _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
         _data(val_docs, config, tokenizer, fmt, bank, embeddings) if val_docs else None,
         tr.batch_size, tr.num_workers, seed=config.run.seed)
 
@@ -161,7 +163,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
         log_every_n_steps=min(tr.log_every_n_steps,
                               max(1, math.ceil(len(datamodule.train) / tr.batch_size))),
         callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=1,
-                                   every_n_epochs=1), *callbacks],
+                                   every_n_epochs=1), FitProgress("translator"), *callbacks],
         enable_model_summary=False, num_sanity_val_steps=0)
     if trainer.is_global_zero:
         atomic_write_json(ckpt_dir / "fingerprint.json", {"fingerprint": key})

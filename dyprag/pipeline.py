@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
+from tqdm.auto import tqdm
 
 from dyprag import rundir
 from dyprag.answer import Knowledge, document_dependence, evaluate
@@ -324,17 +325,23 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
                                                  config.bank, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
     golds = [qa.answers for qa in test]
-    with clock("eval"):
-        grid, predictions = evaluate(
-            model, tokenizer, ev.modes, questions, golds, hits,
-            knowledge, ev.max_new_tokens, ev.batch_size,
-            progress=lambda mode, s: log(f"eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}"),
-            fmt=fmt, scores=scores)
+    dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in ev.modes)
+    with clock("eval"), tqdm(total=len(ev.modes) + dyprag, desc="eval", unit="mode",
+                             disable=rank_zero_only.rank != 0) as bar:
+        def done(mode: str, s: dict) -> None:
+            bar.write(f"[dyprag] eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}")
+            bar.update()
+
+        grid, predictions = evaluate(model, tokenizer, ev.modes, questions, golds, hits,
+                                     knowledge, ev.max_new_tokens, ev.batch_size, progress=done,
+                                     fmt=fmt, scores=scores)
         dependence = {}
-        if any(parse_mode(m)[0].startswith("dyprag") for m in ev.modes):
+        if dyprag:
+            bar.set_postfix_str("document dependence")
             dependence = document_dependence(model, tokenizer, questions, golds, hits, knowledge,
                                              ev.max_new_tokens, ev.batch_size, fmt,
                                              config.run.seed)
+            bar.update()
         if dependence:
             log(f"document dependence: dyprag@1 with an irrelevant document F1 "
                 f"{dependence['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "

@@ -13,9 +13,14 @@ Architectures (docs/design.md §3):
 The B half of every output head starts at zero, so the first generated deltas ``s·BA`` are
 exactly zero (the model starts as the base model), while A starts random so gradients reach
 B. A third, ``linear`` (the synthetic world's default; its size is Σ out·r·D, so for small
-models), standardises the embedding (LayerNorm, no affine), makes B linear in it (zero at
-init) and A one learned matrix per target shared by all documents: a document's delta is
-then linear in the mean of its words, which generalises to unseen documents. The generated
+models), standardises the embedding, makes B linear in it (zero at init) and A one learned
+matrix per target shared by all documents: a document's delta is then linear in the mean of
+its words, which generalises to unseen documents. The standardisation is per dimension, with
+the training documents' mean and standard deviation (``standardize``): documents share most
+of their words, so their embeddings differ in a small part of their norm, which this makes
+the whole input (the world's translator learned in one epoch what took it two with a
+LayerNorm, and better: bench/RESULTS.md). Translators saved before it keep their LayerNorm
+(``input_norm``). The generated
 LoRA carries the bank's alpha and rank, hence the same scaling as the teacher (DyPRAG's
 reference code drops the scaling from generated deltas; we do not).
 """
@@ -64,7 +69,7 @@ class ParameterTranslator(nn.Module):
 
     def __init__(self, shapes: Mapping[Key, tuple[int, int]], embed_dim: int, rank: int,
                  alpha: float, architecture: str = "per_layer", hidden: int = 32,
-                 target_embed_dim: int = 32):
+                 target_embed_dim: int = 32, input_norm: str = "standard"):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
@@ -76,6 +81,9 @@ class ParameterTranslator(nn.Module):
         self.embed_dim, self.rank, self.alpha = embed_dim, rank, float(alpha)
         self.architecture, self.hidden = architecture, hidden
         self.target_embed_dim = target_embed_dim
+        if input_norm not in ("standard", "layer"):
+            raise ValueError(f"input_norm must be 'standard' or 'layer', got {input_norm!r}")
+        self.input_norm = input_norm
         if architecture == "linear":
             # Per target: B linear in the embedding (zero at init), A one learned matrix.
             g = torch.Generator().manual_seed(0)
@@ -83,7 +91,11 @@ class ParameterTranslator(nn.Module):
                 embed_dim, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
             # Embeddings standardised first (a token-mean embedding's entries are ~0.01: a
             # linear map of them would need huge weights, which Adam grows slowly).
-            self.norm = nn.LayerNorm(embed_dim, eps=1e-10, elementwise_affine=False)
+            if input_norm == "standard":  # statistics set by ``standardize``, saved with it
+                self.register_buffer("in_mean", torch.zeros(embed_dim))
+                self.register_buffer("in_std", torch.ones(embed_dim))
+            else:
+                self.norm = nn.LayerNorm(embed_dim, eps=1e-10, elementwise_affine=False)
             self.a = nn.ParameterDict({f"{layer}_{module}": nn.Parameter(
                 torch.randn(rank, self.shapes[(layer, module)][0], generator=g)
                 * self.shapes[(layer, module)][0] ** -0.5) for layer, module in self.keys})
@@ -117,7 +129,8 @@ class ParameterTranslator(nn.Module):
         n, r = emb.shape[0], self.rank
         A, B = {}, {}
         if self.architecture == "linear":
-            emb = self.norm(emb)
+            emb = ((emb - self.in_mean) / self.in_std if self.input_norm == "standard"
+                   else self.norm(emb))
             for key in self.keys:
                 name = f"{key[0]}_{key[1]}"
                 A[key] = self.a[name].expand(n, -1, -1)  # (N, r, in), shared by every document
@@ -134,6 +147,16 @@ class ParameterTranslator(nn.Module):
             B[key] = flat[:, r * i:].view(n, o, r)
         return LoRA(A, B, self.alpha)
 
+    @torch.no_grad()
+    def standardize(self, embeddings: Tensor) -> None:
+        """Set the ``linear`` translator's input statistics from its training documents'
+        embeddings ``(N, D)``: per dimension, their mean and standard deviation."""
+        if self.architecture != "linear" or self.input_norm != "standard":
+            return
+        self.in_mean.copy_(embeddings.mean(0))
+        self.in_std.copy_(embeddings.std(0).clamp_min(1e-8) if len(embeddings) > 1
+                          else torch.ones_like(self.in_std))
+
     def _shared(self, emb: Tensor) -> dict[Key, Tensor]:
         """Every target's trunk features in one batch, then each module type's head."""
         n = emb.shape[0]
@@ -149,7 +172,7 @@ class ParameterTranslator(nn.Module):
         """Everything needed to rebuild this module (for checkpoints' meta.json)."""
         return {"architecture": self.architecture, "embed_dim": self.embed_dim,
                 "rank": self.rank, "alpha": self.alpha, "hidden": self.hidden,
-                "target_embed_dim": self.target_embed_dim,
+                "target_embed_dim": self.target_embed_dim, "input_norm": self.input_norm,
                 "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in self.shapes.items()}}
 
 
@@ -177,7 +200,7 @@ def load_translator(path: str | Path, base_model: str | None = None,
     if not (src / "meta.json").is_file():
         raise FileNotFoundError(f"{src} holds no translator checkpoint (no meta.json)")
     meta = read_meta(src, FORMAT, "translator", base_model)
-    config = dict(meta["translator"])
+    config = {"input_norm": "layer", **meta["translator"]}  # saved before input_norm: layer
     saved = {tuple((int(k.split(".")[0]), k.split(".")[1])): tuple(v)
              for k, v in config.pop("shapes").items()}
     if shapes is not None and dict(shapes) != saved:

@@ -34,10 +34,11 @@ from torch.utils.data import DataLoader
 
 from dyprag.config import PretrainConfig
 from dyprag.corpus import iter_corpus
-from dyprag.examples import Segments, collate
+from dyprag.examples import Segments, length_sorted, pad, tokenize
 from dyprag.files import atomic_dir, atomic_write_json, fingerprint, is_cached, linked_copy, read_json
 from dyprag.models import model_cache
 from dyprag.optim import adamw_warmup_cosine
+from dyprag.progress import FitProgress
 from dyprag.prompts import passage_context, qa_prompt
 from dyprag.qa import load_qa
 from dyprag.world import SPLITS, Entity, fresh_entities, load_entities, render
@@ -210,19 +211,19 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id)
     model = transformers.LlamaForCausalLM(model_config)
+    rows = tokenize(tokenizer, examples)
     if recipe.length_window:
-        lengths = [sum(len(tokenizer(text, add_special_tokens=False)["input_ids"])
-                       for text, _ in segments) for segments in examples]
-        examples = length_sorted(examples, lengths, recipe.batch_size, recipe.length_window,
-                                 recipe.seed)
+        rows = length_sorted(rows, [len(ids) for ids, _ in rows], recipe.batch_size,
+                             recipe.length_window, random.Random(recipe.seed))
     # Not shuffled: the examples are already in curriculum order (shuffled within stages).
-    loader = DataLoader(examples, batch_size=recipe.batch_size, shuffle=False,
-                        collate_fn=lambda b: collate(tokenizer, b))
+    loader = DataLoader(rows, batch_size=recipe.batch_size, shuffle=False,
+                        collate_fn=lambda b: pad(b, tokenizer.pad_token_id))
     steps = recipe.epochs * len(loader)
     system = BaseModelPretraining(model, recipe.lr, recipe.warmup_steps, steps,
                                   recipe.weight_decay)
     trainer = pl.Trainer(max_epochs=recipe.epochs, accelerator="auto", devices=1,
                          logger=False, enable_checkpointing=False, gradient_clip_val=1.0,
+                         callbacks=[FitProgress("pretraining")],
                          enable_model_summary=False, log_every_n_steps=10,
                          precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
     start = time.perf_counter()
@@ -239,20 +240,6 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         linked_copy(out, shared)
     except OSError as err:  # a read-only or full cache costs later runs time, not this one
         print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
-    return out
-
-
-def length_sorted(examples: list, lengths: list[int], batch_size: int, window: int,
-                  seed: int) -> list:
-    """``examples`` reordered so that each batch of ``batch_size`` holds similar lengths: sorted
-    by length within consecutive windows of ``window`` batches (the curriculum moves on window
-    by window), the batches of each window in a seeded random order."""
-    rng, out, size = random.Random(seed), [], window * batch_size
-    for start in range(0, len(examples), size):
-        rows = sorted(range(start, min(start + size, len(examples))), key=lengths.__getitem__)
-        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        rng.shuffle(batches)
-        out += [examples[i] for batch in batches for i in batch]
     return out
 
 

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from dyprag.augment import AugmentedDoc
 from dyprag.config import load_config
-from dyprag.distill import DistillationData, TranslatorDistillation
+from dyprag.distill import DistillationData, EpochShuffle, TranslatorDistillation
 from dyprag.examples import document_examples
 from dyprag.fit import translator_recipe
 from dyprag.inject import inject_lora
@@ -33,12 +33,12 @@ def setup(teacher_std: float = 0.05):
     translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0)
     teachers = LoRA.random(shapes, 2, 4.0, batch_size=2, std=teacher_std,
                            generator=torch.Generator().manual_seed(3))
-    data = DistillationData(torch.randn(2, 8), teachers, EXAMPLES)
+    data = DistillationData(tokenizer, torch.randn(2, 8), teachers, EXAMPLES)
     return model, tokenizer, translator, data
 
 
 def batch_of(data, tokenizer):
-    return data.collate(tokenizer, [data[i] for i in range(len(data))])
+    return data.collate([data[i] for i in range(len(data))])
 
 
 def test_identical_student_and_teacher_give_zero_kl_and_mse():
@@ -90,7 +90,7 @@ def test_a_short_fit_lowers_the_loss_and_leaves_the_base_untouched():
     system = TranslatorDistillation(model, translator, lr=1e-2, total_steps=30)
     batch = batch_of(data, tokenizer)
     start = system.losses(batch)["loss"].item()
-    loader = DataLoader(data, batch_size=3, collate_fn=lambda rows: data.collate(tokenizer, rows))
+    loader = DataLoader(data, batch_size=3, collate_fn=data.collate)
     trainer = pl.Trainer(max_steps=30, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_checkpointing=False, enable_model_summary=False)
     trainer.fit(system, loader)
@@ -170,6 +170,36 @@ def test_the_teacher_runs_only_when_its_kl_counts():
     assert len(calls) == 1
 
 
+def test_the_teacher_reads_only_the_rows_with_a_teacher():
+    model, tokenizer, translator, data = setup(teacher_std=0.3)
+    batch = batch_of(data, tokenizer)  # rows: doc 0, doc 0, doc 1
+    system = TranslatorDistillation(model, translator)
+    batch["distilled"] = torch.tensor([0.0, 0.0, 1.0])
+    rows = []
+    model.register_forward_hook(lambda m, args, kwargs, out: rows.append(
+        kwargs["input_ids"].shape[0]), with_kwargs=True)
+    kl = system.losses(batch)["kl"]
+    assert rows == [3, 1]  # the student on every row, the teacher on row 2 alone
+    # The KL of row 2 alone, as a batch of that one row computes it:
+    alone = {k: (v[2:] if torch.is_tensor(v) else {t: x[2:] for t, x in v.items()})
+             for k, v in batch.items()}
+    assert_close(kl, system.losses(alone)["kl"])
+
+
+def test_epoch_shuffle_batches_rows_of_similar_lengths_in_a_seeded_order():
+    lengths = [15] * 300 + [65] * 100  # the world: closed-book questions and with-passage ones
+    sampler = EpochShuffle(len(lengths), seed=0, lengths=lengths, batch_size=10, window=8)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths)))
+    padded = sum(max(lengths[i] for i in order[b:b + 10]) * 10 for b in range(0, 400, 10))
+    shuffled = list(EpochShuffle(len(lengths), seed=0))
+    assert padded < 0.6 * sum(max(lengths[i] for i in shuffled[b:b + 10]) * 10
+                              for b in range(0, 400, 10))
+    assert list(EpochShuffle(len(lengths), 0, lengths, 10, 8)) == order  # the seed alone
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
 def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
     doc = AugmentedDoc("d", "Idris was born in Velmora .", ["Velmora is where Idris was born ."],
                        [{"question": "Where was Idris born?", "answer": "Velmora"}])
@@ -191,8 +221,8 @@ def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
 def test_lm_only_documents_share_one_zero_teacher():
     model, tokenizer, _, data = setup(teacher_std=0.3)
     first = data.teachers[0]
-    mixed = DistillationData(data.embeddings, LoRA.stack([first]), EXAMPLES, torch.tensor([1, 0]))
-    batch = mixed.collate(tokenizer, [mixed[i] for i in range(len(mixed))])
+    mixed = DistillationData(tokenizer, data.embeddings, LoRA.stack([first]), EXAMPLES, torch.tensor([1, 0]))
+    batch = mixed.collate([mixed[i] for i in range(len(mixed))])
     assert mixed.teachers.batch_size == 2  # the bank LoRA and the placeholder
     for key in first.keys:
         for row, (doc, _) in enumerate(mixed.rows):
@@ -200,4 +230,4 @@ def test_lm_only_documents_share_one_zero_teacher():
             assert_close(batch["teacher_A"][key][row], expected)
     assert batch["distilled"].tolist() == [1.0 if d == 0 else 0.0 for d, _ in mixed.rows]
     with pytest.raises(ValueError, match="2 bank LoRAs the 1 distilled"):
-        DistillationData(data.embeddings, LoRA.stack([first, first]), EXAMPLES, torch.tensor([1, 0]))
+        DistillationData(tokenizer, data.embeddings, LoRA.stack([first, first]), EXAMPLES, torch.tensor([1, 0]))

@@ -85,6 +85,7 @@ def test_checkpoint_round_trip_and_refusals(architecture, tmp_path):
     with torch.no_grad():
         for p in translator.parameters():
             p.add_(torch.randn_like(p) * 0.1)
+    translator.standardize(torch.randn(10, 16) * 3 + 1)  # the linear one's statistics, saved
     out = save_translator(translator, tmp_path / "ckpt", {"base_model": "tiny-a"})
     shapes = inject_lora(model).shapes
     loaded, meta = load_translator(out, base_model="tiny-a", shapes=shapes)
@@ -101,13 +102,38 @@ def test_checkpoint_round_trip_and_refusals(architecture, tmp_path):
         load_translator(tmp_path / "nothing")
 
 
-def test_the_linear_translator_standardises_its_input():
+def test_the_linear_translator_standardises_each_dimension_over_its_documents():
     _, translator = make("linear")
     with torch.no_grad():
         for p in translator.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    emb = torch.randn(2, 16) * 0.01  # token-mean embeddings are this small
-    small, large = translator(emb), translator(emb * 100 + 3)
-    assert small.delta(small.keys[0]).abs().max() > 0.1
+    # Token-mean embeddings: small, sharing a large common part, differing in a small one.
+    docs = torch.randn(50, 16) * 0.001 + torch.randn(16) * 0.01
+    translator.standardize(docs)
+    assert_close(translator.in_mean, docs.mean(0))
+    small = translator(docs[:3])
+    assert small.delta(small.keys[0]).abs().max() > 0.1  # the small part is the whole input
+    scale, shift = torch.rand(16) * 100, torch.randn(16)  # any per-dimension affine change
+    translator.standardize(docs * scale + shift)
+    large = translator(docs[:3] * scale + shift)
     for key in small.keys:
         assert_close(small.delta(key), large.delta(key), rtol=1e-4, atol=1e-4)
+
+
+def test_a_translator_saved_before_standardisation_loads_with_its_layer_norm(tmp_path):
+    import json
+
+    model, translator = make("linear", input_norm="layer")
+    with torch.no_grad():
+        for p in translator.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    emb = torch.randn(2, 16) * 0.01
+    assert_close(translator(emb).delta((0, "up")), translator(emb * 100 + 3).delta((0, "up")),
+                 rtol=1e-4, atol=1e-4)  # LayerNorm: invariant to each vector's scale and shift
+    out = save_translator(translator, tmp_path / "old")
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["translator"]["input_norm"]  # as written before the option existed
+    (out / "meta.json").write_text(json.dumps(meta))
+    loaded, _ = load_translator(out, shapes=inject_lora(model).shapes)
+    assert loaded.input_norm == "layer"
+    assert_close(loaded(emb).delta((0, "up")), translator(emb).delta((0, "up")))

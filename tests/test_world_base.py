@@ -12,7 +12,7 @@ from test_world import CONFIG
 from torch.testing import assert_close
 
 from dyprag.config import PretrainConfig
-from dyprag.examples import collate
+from dyprag.examples import collate, length_sorted
 from dyprag.models import load_model
 from dyprag.world import generate_world, load_schema
 from dyprag.world_base import build_tokenizer, pretrain_base, pretraining_texts
@@ -111,12 +111,10 @@ def test_a_new_run_copies_the_base_model_pretrained_by_another(world, tmp_path, 
 
 
 def test_length_sorted_batches_hold_similar_lengths_window_by_window():
-    from dyprag.world_base import length_sorted
-
     rng = random.Random(0)
     lengths = [rng.randint(5, 180) for _ in range(1000)]
     examples = list(range(1000))  # each example is its own index
-    out = length_sorted(examples, lengths, batch_size=10, window=5, seed=0)
+    out = length_sorted(examples, lengths, batch_size=10, window=5, rng=random.Random(0))
     assert sorted(out) == examples  # a permutation
     for start in range(0, 1000, 50):  # each window keeps its own examples (the curriculum)
         assert set(out[start:start + 50]) == set(range(start, start + 50))
@@ -125,7 +123,7 @@ def test_length_sorted_batches_hold_similar_lengths_window_by_window():
         return sum(max(lengths[i] for i in order[b:b + 10]) * 10 for b in range(0, 1000, 10))
 
     assert padded(out) < 0.8 * padded(examples)
-    assert length_sorted(examples, lengths, 10, 5, seed=0) == out  # seeded
+    assert length_sorted(examples, lengths, 10, 5, random.Random(0)) == out  # seeded
 
 
 def test_the_length_window_is_part_of_the_recipe_only_when_on(world, tmp_path):
