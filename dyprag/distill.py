@@ -261,7 +261,8 @@ class TranslatorDistillation(pl.LightningModule):
         losses = self.losses(batch)
         self.check_divergence(losses)
         n = batch["input_ids"].shape[0]
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=n)
+        self.log_dict({f"train/{k}": v for k, v in losses.items() if k != "loss"}, batch_size=n)
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=n)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=n)
         return losses["loss"]
 

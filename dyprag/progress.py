@@ -21,10 +21,16 @@ class FitProgress(TQDMProgressBar):
         super().__init__(refresh_rate=refresh_rate)
         self.stage = stage
 
+    def get_metrics(self, trainer, pl_module) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the logger's version: noise beside the loss
+        return metrics
+
     def on_train_start(self, trainer, *_: Any) -> None:
         super().on_train_start()
         per_epoch = convert_inf(self.total_train_batches)
         bar = self.train_progress_bar
+        bar.set_description(self.stage)
         bar.total = None if per_epoch is None else per_epoch * trainer.max_epochs
         _update_n(bar, self._done(trainer))
 

@@ -126,9 +126,9 @@ def test_length_sorted_batches_hold_similar_lengths_window_by_window():
     assert length_sorted(examples, lengths, 10, 5, random.Random(0)) == out  # seeded
 
 
-def test_the_length_window_is_part_of_the_recipe_only_when_on(world, tmp_path):
-    off = pretrain_base(world, tmp_path / "off", TINY)
+def test_the_length_window_is_part_of_the_recipe(world, tmp_path):
+    off = pretrain_base(world, tmp_path / "off", dataclasses.replace(TINY, length_window=0))
     on = pretrain_base(world, tmp_path / "on", dataclasses.replace(TINY, length_window=2))
-    key = {p: json.loads((p / "pretrain.json").read_text())["fingerprint"] for p in (off, on)}
-    assert key[off] != key[on]
-    assert "length_window" not in json.loads((off / "pretrain.json").read_text())["config"]
+    meta = {p: json.loads((p / "pretrain.json").read_text()) for p in (off, on)}
+    assert meta[off]["fingerprint"] != meta[on]["fingerprint"]
+    assert meta[off]["config"]["length_window"] == 0 and meta[on]["config"]["length_window"] == 2
