@@ -1,6 +1,6 @@
 """Every mode on the synthetic world's held-out test entities, from a clean directory.
 
-    python bench/world_baselines.py                         # ~20 min on 2 CPU cores
+    python bench/world_baselines.py                         # ~7 min on 2 cores, +5 once a machine
     python bench/world_baselines.py --out /tmp/wb train.epochs=20   # overrides as train.py's
 
 1. The default ``python train.py`` job (world → base model → index → augment → bank →
