@@ -175,7 +175,7 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
 
 def _fingerprint(docs: Sequence[AugmentedDoc], config: BankConfig, base_model: str,
                  shapes: dict[Key, tuple[int, int]], fmt: PromptFormat) -> str:
-    h = hashlib.sha256(json.dumps([config.recipe(), base_model,
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(config), base_model,
                                    sorted((f"{k[0]}.{k[1]}", v) for k, v in shapes.items())]
                                   # the prompt's wording (chat template, instruction)
                                   + ([fmt.prompt("Q?", ["P."])] if fmt.kind != "plain" else []),

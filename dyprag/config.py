@@ -25,7 +25,7 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -48,20 +48,8 @@ class Section:
     """A config section: ``problems()`` lists its bad values (its fields' types are checked by
     the loader); constructing one with a bad value raises ``ConfigError``."""
 
-    # Options added after runs cached their outputs under a fingerprint of the section: left
-    # out of ``recipe()`` while at their default (off), so those caches stay valid.
-    ADDED: ClassVar[tuple[str, ...]] = ()
-
     def problems(self) -> list[str]:
         return []
-
-    def recipe(self) -> dict[str, Any]:
-        """The section's fields for a cache fingerprint (``ADDED`` ones only when set)."""
-        out = dataclasses.asdict(self)
-        for name in self.ADDED:
-            if out[name] == type(self).__dataclass_fields__[name].default:
-                del out[name]
-        return out
 
     def __post_init__(self) -> None:
         problems = self.problems()

@@ -115,7 +115,7 @@ def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], lim
 
 def _fingerprint(config: Config, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
                  train: list[AugmentedDoc], val: list[AugmentedDoc], extra: list[str]) -> str:
-    keep = {k: v for k, v in config.train.recipe().items()
+    keep = {k: v for k, v in dataclasses.asdict(config.train).items()
             if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
     parts = [dataclasses.asdict(config.translator), keep, bank.meta["fingerprint"], model_id,
              config.run.seed, [d.doc_id for d in train], [d.doc_id for d in val],

@@ -182,7 +182,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
     world, out = Path(world_dir), Path(out_dir)
     recipe = recipe or PretrainConfig()
     world_key = read_json(world / "meta.json")["fingerprint"]
-    config = recipe.recipe()  # what the fingerprint covers, also written to pretrain.json
+    config = dataclasses.asdict(recipe)  # what the fingerprint covers, also written to pretrain.json
     key = fingerprint([world_key, config])
     meta_path, shared = out / "pretrain.json", shared_base_dir(key)
     if is_cached(meta_path, key):
