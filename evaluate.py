@@ -1,4 +1,4 @@
-"""Evaluate a trained run: dataset × mode → EM / F1 / latency, as markdown, JSON, a plot and W&B.
+"""Evaluate a trained run: dataset × mode → EM / F1 / acc / latency, as markdown, JSON, a plot and W&B.
 
     python evaluate.py                                        # the latest run, its test set
     python evaluate.py --run checkpoints/world --modes vanilla rag@3 dyprag@1 dyprag+rag@3
@@ -9,7 +9,7 @@ and questions about at least two documents, the translator's document dependence
 F1 with an irrelevant document and the mean cosine of the generated ΔW across documents),
 ``report.json``,
 ``predictions.jsonl`` (one line per dataset × question × mode: question, gold answers,
-retrieved ids, prediction, EM, F1), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
+retrieved ids, prediction, EM, F1, acc), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
 grid as a table to a W&B run in the run directory (offline unless W&B is configured;
 ``--no-wandb`` to skip). Latency is the batched wall time per question, LoRA building and
 injection included. Errors print one line on stderr and exit with code 2.
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from dyprag.answer import document_dependence, evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from dyprag.metrics import exact_match, f1_score
+    from dyprag.metrics import accuracy, exact_match, f1_score
     from dyprag.report import markdown, plot
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
@@ -102,7 +102,8 @@ def _run(args) -> int:
         predictions += [{"dataset": name, "mode": m, "question": qa.question,
                          "answers": qa.answers, "retrieved": h, "prediction": answers[m][i],
                          "em": exact_match(answers[m][i], qa.answers),
-                         "f1": f1_score(answers[m][i], qa.answers)}
+                         "f1": f1_score(answers[m][i], qa.answers),
+                         "acc": accuracy(answers[m][i], qa.answers)}
                         for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
     out.mkdir(parents=True, exist_ok=True)
     dependence = {name: d for name, d in dependence.items() if d}  # ≥ 2 documents only
@@ -120,7 +121,7 @@ def _run(args) -> int:
 
 
 def _progress(dataset: str, mode: str, scores: dict) -> None:
-    print(f"{dataset} {mode}: F1 {scores['f1']:.3f}", file=sys.stderr)
+    print(f"{dataset} {mode}: F1 {scores['f1']:.3f}  acc {scores['acc']:.3f}", file=sys.stderr)
 
 
 def log_wandb(run, grid: dict, modes: list[str], dependence: dict) -> None:
@@ -133,12 +134,12 @@ def log_wandb(run, grid: dict, modes: list[str], dependence: dict) -> None:
         return
     with wandb.init(project=w.project, name=f"{w.name or run.config.run.name}-eval",
                     dir=str(run.path), mode=mode, job_type="eval") as wb:
-        columns = ["dataset", "mode", "em", "f1", "ms_per_question"]
-        rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["ms_per_question"]]
+        columns = ["dataset", "mode", "em", "f1", "acc", "ms_per_question"]
+        rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["acc"], s[m]["ms_per_question"]]
                 for name, s in grid.items() for m in modes]
         wb.log({"eval/grid": wandb.Table(columns=columns, data=rows)})
-        wb.summary.update({f"eval/f1/{name}/{m}": s[m]["f1"] for name, s in grid.items()
-                           for m in modes})
+        wb.summary.update({f"eval/{key}/{name}/{m}": s[m][key] for key in ("f1", "acc")
+                           for name, s in grid.items() for m in modes})
         wb.summary.update({f"eval/{key}/{name}": v for name, d in dependence.items()
                            for key, v in d.items()})
 

@@ -129,7 +129,7 @@ def evaluate(model, tokenizer, modes: Sequence[str], questions: Sequence[str],
              max_new_tokens: int = 8, batch_size: int = 64, progress=None,
              fmt: PromptFormat = PLAIN, scores: Scores | None = None
              ) -> tuple[dict[str, dict], dict[str, list[str]]]:
-    """Scores (``{mode: {"em", "f1", "n", "ms_per_question"}}``: batched wall time, knowledge
+    """Scores (``{mode: {"em", "f1", "acc", "n", "ms_per_question"}}``: batched wall time, knowledge
     included) and predictions (``{mode: [answer]}``)."""
     results, predictions = {}, {}
     for mode in modes:

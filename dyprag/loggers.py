@@ -47,10 +47,10 @@ DEPENDENCE = ("dyprag_irrelevant", "delta_cosine")  # dyprag.answer.document_dep
 
 
 def log_results(loggers: list[Logger], results: dict) -> None:
-    """Eval F1/EM by mode and the translator's document dependence into every logger; the
+    """Eval F1/EM/acc by mode and the translator's document dependence into every logger; the
     sample answers as a W&B table and as ``samples.csv`` beside the CSV logger's
     ``metrics.csv``."""
-    metrics = {f"eval/{m}/{mode}": v for m in ("f1", "em") for mode, v in results[m].items()}
+    metrics = {f"eval/{m}/{mode}": v for m in ("f1", "em", "acc") for mode, v in results[m].items()}
     metrics.update({f"eval/{k}": results[k] for k in DEPENDENCE if k in results})
     metrics.update({f"eval/translator_fit_f1/{k}": v
                     for k, v in results.get("translator_fit_f1", {}).items() if v is not None})

@@ -1,17 +1,27 @@
-"""Answer scoring: pull the answer out of a generation, then SQuAD-style EM and token F1.
+"""Answer scoring: pull the answer out of a generation, then SQuAD-style EM and token F1, and
+FlashRAG's ``acc`` for models that answer in sentences.
 
     >>> from dyprag.metrics import extract_answer, score
     >>> pred = extract_answer("He died in 1963. The answer is August 25, 1963.")
     >>> pred
     'August 25, 1963'
     >>> score([pred], [["August 25, 1963"]])
-    {'em': 1.0, 'f1': 1.0, 'n': 1}
+    {'em': 1.0, 'f1': 1.0, 'acc': 1.0, 'n': 1}
+    >>> score(["He was born in Paris."], [["Paris"]])["acc"]  # EM 0, F1 1/3
+    1.0
 
 Normalisation is exactly the SQuAD v1.1 script's (lowercase, drop punctuation, drop the
 articles a/an/the, collapse whitespace); every gold alias is tried and the best one counts.
 Yes/no questions follow the HotpotQA / 2WikiMultihopQA official scripts: if either side
 normalises to "yes", "no" or "noanswer" and the two differ, the F1 is 0, so "no" earns nothing
 against a gold "yes" even where tokens overlap.
+
+``acc`` is FlashRAG's (its ``Sub_ExactMatch``): 1 if some normalised gold alias is a substring of
+the normalised prediction, so "He was born in Paris." earns it against "Paris" where EM does
+not. Like FlashRAG's, it is a plain substring test, not a whole-word one: a gold "1" is in
+"1963" and a gold "no" in "not sure"; and it has no yes/no rule. One deviation: a gold that
+normalises to nothing (FlashRAG: in every prediction) counts only for a prediction that does
+too, as in EM and F1, so acc is never below EM.
 
 Unlike the PRAG / DyPRAG evaluation, nothing is truncated at a comma or a period: theirs turns
 "August 25, 1963" into "August 25". The only cuts are an explicit answer prefix and the end of
@@ -91,14 +101,21 @@ def _token_f1(pred: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def _best(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
-    """(EM, F1) of one prediction, each maximised over the gold aliases."""
+def _contains(pred: str, gold: str) -> float:
+    """FlashRAG's acc between two already-normalised answers: is ``gold`` a substring of
+    ``pred``? An empty gold is in an empty prediction only (see the module's docstring)."""
+    return float(gold in pred) if gold else float(not pred)
+
+
+def _best(prediction: str, answers: Sequence[str]) -> tuple[float, float, float]:
+    """(EM, F1, acc) of one prediction, each maximised over the gold aliases."""
     _check_golds(answers)
     pred = normalize_answer(prediction)
     golds = [normalize_answer(a) for a in answers]
     em = max(float(pred == g) for g in golds)
     f1 = max(_token_f1(pred, g) for g in golds)
-    return em, f1
+    acc = max(_contains(pred, g) for g in golds)
+    return em, f1, acc
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
@@ -111,8 +128,14 @@ def f1_score(prediction: str, answers: Sequence[str]) -> float:
     return _best(prediction, answers)[1]
 
 
+def accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """FlashRAG's acc: 1.0 if any normalised gold answer occurs in the normalised prediction."""
+    return _best(prediction, answers)[2]
+
+
 def score(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> dict[str, float | int]:
-    """Mean EM and F1 over examples: ``{"em", "f1", "n"}``; zeros with n=0 for no examples.
+    """Mean EM, F1 and acc over examples: ``{"em", "f1", "acc", "n"}``; zeros with n=0 for no
+    examples.
 
     Predictions are scored as given: run ``extract_answer`` on raw generations first.
     """
@@ -120,10 +143,11 @@ def score(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> 
         raise ValueError(f"{len(predictions)} predictions but {len(answer_lists)} answer lists")
     n = len(predictions)
     if n == 0:
-        return {"em": 0.0, "f1": 0.0, "n": 0}
-    em_total = f1_total = 0.0
+        return {"em": 0.0, "f1": 0.0, "acc": 0.0, "n": 0}
+    em_total = f1_total = acc_total = 0.0
     for prediction, answers in zip(predictions, answer_lists):
-        em, f1 = _best(prediction, answers)
+        em, f1, acc = _best(prediction, answers)
         em_total += em
         f1_total += f1
-    return {"em": em_total / n, "f1": f1_total / n, "n": n}
+        acc_total += acc
+    return {"em": em_total / n, "f1": f1_total / n, "acc": acc_total / n, "n": n}

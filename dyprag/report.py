@@ -1,4 +1,4 @@
-"""Results for people: the F1/EM table train.py prints, the markdown grid and the F1 plot
+"""Results for people: the EM/F1/acc table train.py prints, the markdown grid and the F1 plot
 evaluate.py writes, and what to try next."""
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from dyprag.files import atomic_path
 
 
 def table(results: dict) -> str:
-    """The final F1/EM table, one row per mode."""
-    lines = [f"{'mode':16s} {'EM':>6s} {'F1':>6s}", "-" * 30]
-    lines += [f"{m:16s} {results['em'][m]:6.3f} {f1:6.3f}" for m, f1 in results["f1"].items()]
+    """The final EM/F1/acc table, one row per mode."""
+    lines = [f"{'mode':16s} {'EM':>6s} {'F1':>6s} {'acc':>6s}", "-" * 37]
+    lines += [f"{m:16s} {results['em'][m]:6.3f} {f1:6.3f} {results['acc'][m]:6.3f}"
+              for m, f1 in results["f1"].items()]
     recall = [f"{k} {v:.3f}" for k, v in results.items() if k.startswith("recall@")]
     lines += [", ".join(recall)] if recall else []
     fit = results.get("translator_fit_f1", {})
@@ -32,8 +33,9 @@ def table(results: dict) -> str:
 
 def markdown(grid: dict, modes: list[str], dependence: dict | None = None) -> str:
     """The grid (dataset × mode), then the translator's document dependence by dataset."""
-    lines = ["| dataset | mode | EM | F1 | ms / question |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {name} | {m} | {s[m]['em']:.3f} | {s[m]['f1']:.3f} | "
+    lines = ["| dataset | mode | EM | F1 | acc | ms / question |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {name} | {m} | {s[m]['em']:.3f} | {s[m]['f1']:.3f} | {s[m]['acc']:.3f} | "
               f"{s[m]['ms_per_question']:.1f} |" for name, s in grid.items() for m in modes]
     if dependence:
         lines += ["", "| dataset | dyprag@1 F1, irrelevant document | mean ΔW cosine across "

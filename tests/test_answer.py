@@ -14,6 +14,7 @@ from dyprag.answer import (
     answer,
     document_dependence,
     document_weights,
+    evaluate,
     irrelevant_hits,
     mode_lora,
     mode_prompts,
@@ -176,3 +177,20 @@ def test_document_dependence_is_empty_for_questions_about_one_document():
     knowledge = Knowledge(PASSAGES, translator=translator, embeddings=table)
     assert document_dependence(model, tokenizer, QUESTIONS, [["Velmora"], ["Velmora"]],
                                [["a"], ["a"]], knowledge) == {}
+
+
+def test_evaluate_scores_every_mode_with_em_f1_and_acc(monkeypatch):
+    import dyprag.answer
+
+    said = {"vanilla": ["He was born in Velmora.", "Aldergate"],
+            "rag@1": ["Velmora", "Orrin studied at Halvex."]}
+    monkeypatch.setattr(dyprag.answer, "answer", lambda model, tokenizer, mode, *args: said[mode])
+    golds = [["Velmora"], ["Aldergate", "Aldergate College"]]
+    shown = {}
+    grid, predictions = evaluate(None, None, ["vanilla", "rag@1"], QUESTIONS, golds, HITS,
+                                 Knowledge(PASSAGES), progress=lambda m, s: shown.update({m: s}))
+    assert predictions == said and shown == grid
+    assert {k: grid["vanilla"][k] for k in ("em", "acc", "n")} == {"em": 0.5, "acc": 1.0, "n": 2}
+    assert {k: grid["rag@1"][k] for k in ("em", "acc", "n")} == {"em": 0.5, "acc": 0.5, "n": 2}
+    assert grid["vanilla"]["f1"] == pytest.approx((1 / 3 + 1) / 2)  # P=1/5 R=1, then exact
+    assert all(set(s) == {"em", "f1", "acc", "n", "ms_per_question"} for s in grid.values())

@@ -130,9 +130,11 @@ def test_evaluate_writes_the_grid_predictions_plot_and_wandb_run(tiny_run, tmp_p
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["grid"]["qa_test"]) == modes
     for scores in report["grid"]["qa_test"].values():
-        assert {"em", "f1", "n", "ms_per_question"} <= set(scores) and scores["n"] == 12
+        assert {"em", "f1", "acc", "n", "ms_per_question"} <= set(scores) and scores["n"] == 12
+        assert scores["em"] <= scores["acc"] <= 1
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 * len(modes) and {"prediction", "f1", "retrieved"} <= set(rows[0])
+    assert len(rows) == 12 * len(modes) and {"prediction", "f1", "acc", "retrieved"} <= set(rows[0])
+    assert all(row["em"] <= row["acc"] for row in rows)
     assert (tmp_path / "f1.png").read_bytes()[:4] == b"\x89PNG"
     assert "| qa_test | dyprag@1 |" in (tmp_path / "report.md").read_text()
     dependence = report["document_dependence"]["qa_test"]  # 12 questions: 2 people at least

@@ -1,10 +1,11 @@
-"""Answer extraction and SQuAD-style EM / F1, checked against hand-computed values."""
+"""Answer extraction, SQuAD-style EM / F1 and FlashRAG's acc, checked against hand-computed
+values."""
 
 from __future__ import annotations
 
 import pytest
 
-from dyprag.metrics import exact_match, extract_answer, f1_score, normalize_answer, score
+from dyprag.metrics import accuracy, exact_match, extract_answer, f1_score, normalize_answer, score
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -101,17 +102,69 @@ def test_gold_answers_must_be_a_non_empty_list():
         f1_score("Paris", [])
 
 
+def test_acc_credits_a_sentence_that_contains_the_answer():
+    assert accuracy("He was born in Paris.", ["Paris"]) == 1.0
+    assert exact_match("He was born in Paris.", ["Paris"]) == 0.0
+    assert f1_score("He was born in Paris.", ["Paris"]) == pytest.approx(1 / 3)  # P=1/5, R=1
+    assert accuracy("He died on August 25, 1963, in Ohio.", ["August 25, 1963"]) == 1.0
+    assert accuracy("Paris", ["Paris"]) == 1.0  # an exact match is contained too
+
+
+def test_acc_is_zero_when_no_alias_is_contained():
+    assert accuracy("He was born in Lyon.", ["Paris"]) == 0.0
+    assert accuracy("Paris", ["Paris, France"]) == 0.0  # the gold in the prediction, not back
+    assert accuracy("August 25", ["August 25, 1963"]) == 0.0
+    assert accuracy("", ["Paris"]) == 0.0
+    assert accuracy("He was born in Paris.", ["Lyon", "Rome"]) == 0.0
+
+
+def test_acc_tries_every_alias():
+    golds = ["United States of America", "USA", "United States"]
+    assert accuracy("She moved to the United States in 1990.", golds) == 1.0
+    assert accuracy("She moved to the U.S.A. in 1990.", golds) == 1.0  # "usa" after punctuation
+    assert accuracy("She moved to the States.", golds) == 0.0
+
+
+def test_acc_normalises_both_sides():
+    assert accuracy("It was THE BEATLES!", ["beatles"]) == 1.0  # case, punctuation
+    assert accuracy("The answer: an apple, probably.", ["An Apple"]) == 1.0  # articles
+    assert accuracy("Born in Washington, D.C., in 1950.", ["Washington DC"]) == 1.0
+    assert accuracy("born in   new\nyork city", ["New York"]) == 1.0  # whitespace collapsed
+
+
+def test_acc_is_a_substring_test_as_in_flashrag():
+    # FlashRAG's acc: no word boundaries, no yes/no rule
+    assert accuracy("It is not known", ["no"]) == 1.0
+    assert accuracy("born in 1963", ["1"]) == 1.0
+    assert accuracy("no, they are not", ["no"]) == 1.0
+    assert f1_score("no, they are not", ["no"]) == 0.0
+
+
+def test_acc_with_a_gold_that_normalises_to_nothing():
+    assert accuracy("", ["The"]) == 1.0
+    assert accuracy("Paris", ["The"]) == 0.0  # FlashRAG would give every prediction 1
+    assert accuracy("Paris", ["The", "Paris"]) == 1.0
+
+
+def test_acc_gold_answers_must_be_a_non_empty_list():
+    with pytest.raises(TypeError, match="list of strings"):
+        accuracy("Paris", "Paris")
+    with pytest.raises(ValueError, match="no gold answers"):
+        accuracy("Paris", [])
+
+
 def test_score_means():
-    result = score(["Paris", "Edward Cahn", "no", ""],
-                   [["Paris"], ["Edward L. Cahn"], ["yes"], ["Rome", "Roma"]])
-    assert result["n"] == 4
-    assert result["em"] == pytest.approx(1 / 4)
-    assert result["f1"] == pytest.approx((1 + 0.8 + 0 + 0) / 4)
-    assert set(result) == {"em", "f1", "n"}
-    assert isinstance(result["em"], float) and isinstance(result["f1"], float)
+    result = score(["Paris", "Edward Cahn", "no", "", "He was born in Rome."],
+                   [["Paris"], ["Edward L. Cahn"], ["yes"], ["Rome", "Roma"], ["Rome"]])
+    assert result["n"] == 5
+    assert result["em"] == pytest.approx(1 / 5)
+    assert result["f1"] == pytest.approx((1 + 0.8 + 0 + 0 + 2 * 0.2 / 1.2) / 5)
+    assert result["acc"] == pytest.approx(2 / 5)  # "Paris" and the sentence about Rome
+    assert set(result) == {"em", "f1", "acc", "n"}
+    assert all(isinstance(result[k], float) for k in ("em", "f1", "acc"))
 
 
 def test_score_edges():
-    assert score([], []) == {"em": 0.0, "f1": 0.0, "n": 0}
+    assert score([], []) == {"em": 0.0, "f1": 0.0, "acc": 0.0, "n": 0}
     with pytest.raises(ValueError, match="2 predictions but 1 answer lists"):
         score(["a", "b"], [["a"]])

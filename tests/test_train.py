@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LOGGED = ["train/loss", "train/lm", "train/kl", "train/mse", "train/lr", "train/grad_norm",
           "train/lora_rms_student", "train/lora_rms_teacher", "val/loss", "val/kl",
           "val/dyprag_f1", "eval/translator_fit_f1/seen", "eval/dyprag_irrelevant",
-          "eval/delta_cosine", *(f"eval/f1/{m}" for m in MODES)]
+          "eval/delta_cosine", *(f"eval/{score}/{m}" for score in ("f1", "em", "acc") for m in MODES)]
 
 
 @pytest.fixture
@@ -37,14 +37,15 @@ def run(tiny_run):
 
 
 def table_rows(stdout: str) -> list[list[str]]:
-    """The rows (mode, EM, F1) of the one table in what train.py printed."""
+    """The rows (mode, EM, F1, acc) of the one table in what train.py printed."""
     lines = stdout.splitlines()
-    header = [i for i, line in enumerate(lines) if line.split() == ["mode", "EM", "F1"]]
+    header = [i for i, line in enumerate(lines) if line.split() == ["mode", "EM", "F1", "acc"]]
     assert len(header) == 1, stdout[-3000:]
     assert set(lines[header[0] + 1]) == {"-"}, lines[header[0] + 1]
     rows = []
     for line in lines[header[0] + 2:]:
-        if len(line.split()) != 3:  # the recall line and the footer follow the rows
+        # the recall line ("recall@1 0.500, recall@5 0.800") and the footer follow the rows
+        if len(line.split()) != 4 or line.startswith("recall@"):
             break
         rows.append(line.split())
     return rows
@@ -53,10 +54,11 @@ def table_rows(stdout: str) -> list[list[str]]:
 def test_the_run_prints_a_table_and_writes_every_mode(run, tiny_run_stdout):
     _, out = run
     results = read_json(out / "eval.json")
-    assert list(results["f1"]) == list(results["em"]) == MODES  # the config's eval.modes
-    assert all(0 <= results[score][m] <= 1 for score in ("f1", "em") for m in MODES)
-    assert table_rows(tiny_run_stdout) == [[m, f"{results['em'][m]:.3f}", f"{results['f1'][m]:.3f}"]
-                                           for m in MODES]
+    assert list(results["f1"]) == list(results["em"]) == list(results["acc"]) == MODES
+    assert all(0 <= results[score][m] <= 1 for score in ("f1", "em", "acc") for m in MODES)
+    assert all(results["em"][m] <= results["acc"][m] for m in MODES)
+    assert table_rows(tiny_run_stdout) == [[m, f"{results['em'][m]:.3f}", f"{results['f1'][m]:.3f}",
+                                            f"{results['acc'][m]:.3f}"] for m in MODES]
     assert f"{results['questions']} test questions" in tiny_run_stdout
 
 
@@ -90,9 +92,11 @@ def test_csv_log_holds_every_term_and_the_eval(run):
         rows = list(csv.DictReader(f))
     for key in LOGGED:
         assert any(row.get(key) for row in rows), f"{key} missing from metrics.csv"
-    logged = {m: float(next(row[f"eval/f1/{m}"] for row in rows if row.get(f"eval/f1/{m}")))
-              for m in MODES}
-    assert logged == pytest.approx(read_json(out / "eval.json")["f1"], abs=1e-6)
+    for score in ("f1", "acc"):
+        key = f"eval/{score}/{{}}"
+        logged = {m: float(next(row[key.format(m)] for row in rows if row.get(key.format(m))))
+                  for m in MODES}
+        assert logged == pytest.approx(read_json(out / "eval.json")[score], abs=1e-6), score
     with (first / "samples.csv").open() as f:
         samples = list(csv.DictReader(f))
     assert len(samples) == 3 and set(samples[0]) == {"question", "gold", *MODES}
@@ -179,8 +183,8 @@ def test_a_second_run_reuses_every_stage(run, tiny_run_stdout, capsys):
     rebuilt = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
     assert not rebuilt, rebuilt  # not one file rewritten, added or removed
     again = read_json(out / "eval.json")
-    assert (again["f1"], again["em"], again["samples"]) == \
-        (results["f1"], results["em"], results["samples"])
+    assert (again["f1"], again["em"], again["acc"], again["samples"]) == \
+        (results["f1"], results["em"], results["acc"], results["samples"])
     assert table_rows(printed) == table_rows(tiny_run_stdout)
 
 
