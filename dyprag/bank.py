@@ -48,26 +48,33 @@ from dyprag.files import atomic_write_json, is_cached, open_safetensors, read_js
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
 from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
+from dyprag.prefix import hidden_from, prefix_layer, states_below
 from dyprag.prompts import PLAIN, PromptFormat
 
 FORMAT = "dyprag-bank"
 
 
-def answer_logits(model, batch: dict[str, torch.Tensor],
-                  start: int | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def answer_logits(model, batch: dict[str, torch.Tensor], start: int | None = None,
+                  states: torch.Tensor | None = None,
+                  layer: int = 0) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Next-token logits from position ``start`` on and the labels they predict:
     ``(N, T − start − 1, V)`` (fp32), ``(N, T − start − 1)``, and ``start``.
 
     ``start`` defaults to the first position whose next token is labelled in some row (the
     answers): logits are not computed over whole prompts, since with a real vocabulary the
-    output head is most of the cost of a short sequence.
+    output head is most of the cost of a short sequence. ``states``: the batch's hidden states
+    entering ``layer`` (``dyprag.prefix``), where the forward then starts.
     """
     labels = batch["labels"]  # (N, T)
     if start is None:
         labelled = (labels[:, 1:] != -100).any(0).nonzero()
         start = int(labelled[0]) if len(labelled) else labels.shape[1] - 1
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=labels.shape[1] - start).logits  # (N, T - start, V)
+    if states is None:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=labels.shape[1] - start).logits  # (N, T - start, V)
+    else:
+        hidden = hidden_from(model, states, batch["attention_mask"], layer)[:, start:]
+        logits = model.get_output_embeddings()(hidden)
     return logits[:, :-1].float(), labels[:, start + 1:], start
 
 
@@ -104,28 +111,45 @@ def _autocast(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _step_losses(model, tokenizer, lora: LoRA, rows: Sequence[Segments],
-                 w_locality: float = 0.0) -> torch.Tensor:
-    """``row_losses`` of ``rows`` (one example each) with ``lora`` injected, ``(len(rows),)``.
+def _step_batch(model, tokenizer, rows: Sequence[Segments], w_locality: float = 0.0,
+                layer: int = 0) -> dict[str, torch.Tensor]:
+    """One step's batch of ``rows`` (one example each) on the model's device; with
+    ``w_locality`` (and more than one row) row ``n + b`` is row ``b + 1``'s example; with
+    ``layer`` > 0, also the frozen layers' ``states`` entering it (``dyprag.prefix``),
+    computed once here and reused in every epoch."""
+    device = next(model.parameters()).device
+    local = w_locality > 0 and len(rows) > 1
+    examples = [*rows, *rows[1:], rows[0]] if local else list(rows)
+    batch = {k: v.to(device) for k, v in collate(tokenizer, examples).items()}
+    if layer:
+        with _autocast(device):
+            batch["states"] = states_below(model, batch["input_ids"], batch["attention_mask"],
+                                           layer)
+    return batch
+
+
+def _step_losses(model, lora: LoRA, batch: dict[str, torch.Tensor], w_locality: float = 0.0,
+                 layer: int = 0) -> torch.Tensor:
+    """``row_losses`` of a ``_step_batch`` with ``lora`` injected, ``(N,)`` for its N LoRAs.
 
     ``w_locality`` > 0 (and more than one row): row ``b`` also adds ``w_locality`` times the
     ``locality_kl`` of LoRA ``b`` on row ``b + 1``'s example (another document's), against
     the base model without a LoRA. Each LoRA's gradient is still its own row's alone.
     """
-    device = next(model.parameters()).device
-    n = len(rows)
-    local = w_locality > 0 and n > 1
-    examples = [*rows, *rows[1:], rows[0]] if local else list(rows)  # row n + b: b + 1's
-    batch = {k: v.to(device) for k, v in collate(tokenizer, examples).items()}
+    device = batch["input_ids"].device
+    rows = batch["input_ids"].shape[0]
+    n = lora.batch_size or rows  # an unbatched LoRA (the warmup's) serves every row
+    states = batch.get("states")
     injection = inject_lora(model)
     with _autocast(device):
-        if not local:
+        if rows == n:
             with injection.use(lora):
-                return row_losses(model, batch)
+                return answer_loss(*answer_logits(model, batch, states=states, layer=layer)[:2])
         with injection.use(lora.map(lambda t: torch.cat([t, t]))):
-            logits, targets, start = answer_logits(model, batch)
+            logits, targets, start = answer_logits(model, batch, states=states, layer=layer)
         with torch.no_grad():
-            base, _, _ = answer_logits(model, {k: v[n:] for k, v in batch.items()}, start)
+            base, _, _ = answer_logits(model, {k: v[n:] for k, v in batch.items()}, start,
+                                       None if states is None else states[n:], layer)
     return (answer_loss(logits[:n], targets[:n])
             + w_locality * locality_kl(logits[n:], base, targets[n:]))
 
@@ -156,12 +180,14 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
                                       .requires_grad_(True))
     optimizer = _optimizer(lora, lr, weight_decay)
     steps = counts.pop()
+    layer = prefix_layer(model)
+    batches = [_step_batch(model, tokenizer, [ex[j] for ex in examples], w_locality, layer)
+               for j in range(steps)]
     last = torch.zeros(n)
     for _ in range(epochs):
         last.zero_()
-        for j in range(steps):
-            losses = _step_losses(model, tokenizer, lora, [ex[j] for ex in examples],
-                                  w_locality)  # (n,)
+        for j, batch in enumerate(batches):
+            losses = _step_losses(model, lora, batch, w_locality, layer)  # (n,)
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise FloatingPointError(f"non-finite loss for document row {bad} at step {j}")
@@ -309,7 +335,8 @@ def _warmup_init(model, tokenizer, examples: list[list[Segments]], path: Path,
     optimizer = _optimizer(lora, config.warmup_lr, config.weight_decay)
     for _ in range(config.warmup_epochs):
         for j in range(steps):
-            loss = _step_losses(model, tokenizer, lora, [ex[j] for ex in pool]).mean()
+            loss = _step_losses(model, lora, _step_batch(model, tokenizer,
+                                                         [ex[j] for ex in pool])).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

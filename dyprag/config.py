@@ -34,6 +34,8 @@ from dyprag.qa import FORMATS as QA_FORMATS
 MODES = ("vanilla", "rag", "prag", "dyprag", "prag+rag", "dyprag+rag")
 PromptFormatName = Literal["plain", "chat"]
 PROMPT_FORMATS: tuple[str, ...] = get_args(PromptFormatName)
+LORA_LAYERS = re.compile(r"^(all|(?P<first>\d+)-(?P<last>\d+)?)$")
+"""``model.lora_layers``: ``all``, ``A-B`` (layers A to B, inclusive) or ``A-`` (A to the last)."""
 
 
 class ConfigError(ValueError):
@@ -139,7 +141,16 @@ class ModelConfig(Section):
     name: str = "world"
     dtype: str = "auto"   # auto: bfloat16 on a GPU, float32 on a CPU
     device: str = "auto"  # auto: cuda when there is one
+    # The decoder layers whose FFN projections take LoRAs (bank, translator, injection):
+    # "all", "A-B" (inclusive) or "A-" (A to the last). Below the first, the frozen model's
+    # states are computed once per training row and reused (dyprag/prefix.py).
+    lora_layers: str = "all"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+    def problems(self) -> list[str]:
+        if LORA_LAYERS.match(self.lora_layers) is None:
+            return [f"lora_layers: must be 'all', 'A-B' or 'A-', got {self.lora_layers!r}"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -246,12 +257,16 @@ class TranslatorConfig(Section):
     architecture: Literal["per_layer", "shared", "linear"] = "linear"
     hidden: int = 32
     target_embed_dim: int = 32
+    # ``linear`` only: every target's B reads one shared projection of the embedding to this
+    # width (0: the embedding itself). Sizes the translator for a deep model: SmolLM2's 10
+    # top layers at rank 8 hold 168M weights without one, 19M with 64.
+    bottleneck: int = 0
     # The document embedding it reads: the retriever's, the base model's last-token state of
     # the passage ("llm", DyPRAG's) or its mean input-token embedding ("tokens").
     embedding: Literal["retriever", "llm", "tokens"] = "tokens"
 
     def problems(self) -> list[str]:
-        return _at_least(self, 1, "hidden", "target_embed_dim")
+        return _at_least(self, 1, "hidden", "target_embed_dim") + _at_least(self, 0, "bottleneck")
 
 
 @dataclass(frozen=True)
@@ -276,6 +291,9 @@ class TrainConfig(Section):
     # times this KL from the base model's next-token distribution there (0: off).
     w_locality: float = 0.0
     mse_space: Literal["delta", "factor"] = "delta"
+    # Where the KL term reads the teacher: every real token (DyPRAG's) or the answer tokens
+    # only (the vocabulary logits are then computed there alone: cheaper with a real vocabulary).
+    kl_on: Literal["all", "answer"] = "all"
     gradient_clip: float = 1.0
     accelerator: str = "auto"
     devices: int = 1

@@ -45,6 +45,7 @@ from dyprag.inject import inject_lora
 from dyprag.lora import LoRA, delta_distance, factor_mse
 from dyprag.metrics import score
 from dyprag.optim import adamw_warmup_cosine
+from dyprag.prefix import final_hidden, logits_at, states_below
 from dyprag.prompts import PLAIN, PromptFormat
 from dyprag.translator import ParameterTranslator
 
@@ -76,26 +77,48 @@ class DistillationData(Dataset):
         self.rows = [(i, ex) for i, doc in enumerate(examples) for ex in doc]
         self.tokens = tokenize(tokenizer, [ex for _, ex in self.rows])  # once, not per batch
         self.pad_id = tokenizer.pad_token_id
+        self.states: list[Tensor] | None = None
+
+    @torch.no_grad()
+    def cache_states(self, model, layer: int, batch_size: int = 32) -> None:
+        """Store every row's hidden states entering decoder ``layer`` (``dyprag.prefix``), on
+        the CPU, so that each step runs only the layers from ``layer`` on; batches carry them
+        as ``states``, padded like the ids."""
+        device = next(model.parameters()).device
+        order = sorted(range(len(self.tokens)), key=lambda i: len(self.tokens[i][0]))
+        states: list[Tensor | None] = [None] * len(self.tokens)
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = pad([self.tokens[i] for i in rows], self.pad_id)
+            out = states_below(model, batch["input_ids"].to(device),
+                               batch["attention_mask"].to(device), layer).cpu()
+            for j, i in enumerate(rows):
+                states[i] = out[j, :len(self.tokens[i][0])].clone()
+        self.states = states
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[int, Tokens]:
-        return self.rows[index][0], self.tokens[index]
+    def __getitem__(self, index: int) -> tuple[int, Tokens, int]:
+        """(document index, tokens, row index)."""
+        return self.rows[index][0], self.tokens[index], index
 
     @property
     def lengths(self) -> list[int]:
         """Every row's token count."""
         return [len(ids) for ids, _ in self.tokens]
 
-    def collate(self, rows: Sequence[tuple[int, Tokens]]) -> dict:
-        docs = torch.tensor([i for i, _ in rows])
-        batch = pad([ex for _, ex in rows], self.pad_id)
+    def collate(self, rows: Sequence[tuple[int, Tokens, int]]) -> dict:
+        docs = torch.tensor([i for i, _, _ in rows])
+        batch = pad([ex for _, ex, _ in rows], self.pad_id)
         batch["embedding"] = self.embeddings[docs]
         teacher = self.teachers[self.teacher_row[docs]]
         batch["teacher_A"], batch["teacher_B"] = teacher.A, teacher.B
         batch["distilled"] = self.distilled[docs]
         batch["doc"] = docs
+        if self.states is not None:
+            batch["states"] = torch.nn.utils.rnn.pad_sequence(
+                [self.states[i] for _, _, i in rows], batch_first=True)  # (N, T, H), zero padded
         return batch
 
 
@@ -186,7 +209,8 @@ class TranslatorDistillation(pl.LightningModule):
     def __init__(self, model, translator: ParameterTranslator, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
                  w_lm: float = 1.0, w_kl: float = 0.01, w_mse: float = 100.0,
-                 mse_space: str = "delta", w_locality: float = 0.0):
+                 mse_space: str = "delta", w_locality: float = 0.0, kl_on: str = "all",
+                 first_layer: int = 0):
         super().__init__()
         if mse_space not in choices(TrainConfig, "mse_space"):
             raise ValueError(f"mse_space must be one of {choices(TrainConfig, 'mse_space')}, "
@@ -198,6 +222,11 @@ class TranslatorDistillation(pl.LightningModule):
         self.lr, self.wd, self.warmup, self.total = lr, weight_decay, warmup_steps, total_steps
         self.weights = {"lm": w_lm, "kl": w_kl, "mse": w_mse, "locality": w_locality}
         self.mse_space = mse_space
+        if kl_on not in choices(TrainConfig, "kl_on"):
+            raise ValueError(f"kl_on must be one of {choices(TrainConfig, 'kl_on')}, got {kl_on!r}")
+        self.kl_on = kl_on
+        # > 0: batches carry ``states`` entering this layer (``DistillationData.cache_states``)
+        self.first_layer = first_layer
         # Entries of ΔW per target, for the delta-space MSE's mean: Σ_targets in·out.
         self.delta_entries = torch.tensor([translator.shapes[k][0] * translator.shapes[k][1]
                                            for k in translator.keys])
@@ -212,21 +241,35 @@ class TranslatorDistillation(pl.LightningModule):
         student = self.translator(batch["embedding"])
         teacher = LoRA(batch["teacher_A"], batch["teacher_B"], self.translator.alpha)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        states = batch.get("states")  # the frozen layers' output (``cache_states``)
+        w = batch.get("distilled", torch.ones(ids.shape[0])).to(ids.device).float()  # (N,) 1:
+        # the row has a teacher
+        # Position t predicts token t + 1: the LM term reads the labelled ones, the KL term
+        # every real token (``kl_on: all``, DyPRAG's) or the labelled ones; logits only there.
+        targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)  # (N, T)
+        lm_at = targets != -100
+        taught = w > 0
+        kl_at = (mask.bool() if self.kl_on == "all" else lm_at) & taught[:, None]
+        if not self.weights["kl"]:
+            kl_at = torch.zeros_like(kl_at)
+        keep = lm_at | kl_at
         with self.injection.use(student):
-            logits = self.base(input_ids=ids, attention_mask=mask).logits.float()  # (N, T, V)
-        lm = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100)
-        w = batch.get("distilled", torch.ones(ids.shape[0])).to(logits)  # (N,) has a teacher
+            hidden = final_hidden(self.base, ids, mask, states, self.first_layer)
+        logits = logits_at(self.base, hidden, keep)  # (M, V), row-major over ``keep``
+        lm = F.cross_entropy(logits[lm_at[keep]], targets[lm_at])
         kl = logits.new_zeros(())
-        taught = w.nonzero().squeeze(1)  # the teacher's forward only on the rows it counts in
-        if self.weights["kl"] and len(taught):
-            with torch.no_grad(), self.injection.use(teacher[taught].to(dtype=student.dtype)):
-                teacher_logits = self.base(input_ids=ids[taught],
-                                           attention_mask=mask[taught]).logits.float()
-            kl_tokens = F.kl_div(F.log_softmax(logits[taught], -1),
+        rows = taught.nonzero().squeeze(1)  # the teacher's forward only on the rows it counts in
+        if kl_at.any():
+            with torch.no_grad(), self.injection.use(teacher[rows].to(dtype=student.dtype)):
+                teacher_hidden = final_hidden(self.base, ids[rows], mask[rows],
+                                              None if states is None else states[rows],
+                                              self.first_layer)
+                teacher_logits = logits_at(self.base, teacher_hidden, kl_at[rows])
+            kl_tokens = F.kl_div(F.log_softmax(logits[kl_at[keep]], -1),
                                  F.log_softmax(teacher_logits, -1),
-                                 log_target=True, reduction="none").sum(-1)  # (n, T)
-            kl_mask = mask[taught] * w[taught, None]
-            kl = (kl_tokens * kl_mask).sum() / kl_mask.sum().clamp_min(1)
+                                 log_target=True, reduction="none").sum(-1)  # (M_kl,)
+            kl_w = w[:, None].expand_as(kl_at)[kl_at]
+            kl = (kl_tokens * kl_w).sum() / kl_w.sum().clamp_min(1)
         if self.mse_space == "delta":
             rows = delta_mse(student, teacher, self.delta_entries)  # (N,)
         else:

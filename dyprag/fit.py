@@ -43,6 +43,7 @@ from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
 from dyprag.loggers import make_loggers
 from dyprag.metrics import score
+from dyprag.prefix import prefix_layer
 from dyprag.progress import FitProgress
 from dyprag.prompts import PLAIN, PromptFormat, prompt_format
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
@@ -141,12 +142,14 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     t, tr = config.translator, config.train
     pl.seed_everything(config.run.seed, verbose=False)
     translator = ParameterTranslator(shapes, embeddings.dim, bank.rank, bank.meta["alpha"],
-                                     t.architecture, t.hidden, t.target_embed_dim)
+                                     t.architecture, t.hidden, t.target_embed_dim,
+                                     bottleneck=t.bottleneck)
     translator.standardize(embeddings.get([d.doc_id for d in [*train_docs, *extra]]))
     system = TranslatorDistillation(model, translator, lr=tr.lr, weight_decay=tr.weight_decay,
                                     warmup_steps=tr.warmup_steps, total_steps=None,
                                     w_lm=tr.w_lm, w_kl=tr.w_kl, w_mse=tr.w_mse,
-                                    mse_space=tr.mse_space, w_locality=tr.w_locality)
+                                    mse_space=tr.mse_space, w_locality=tr.w_locality,
+                                    kl_on=tr.kl_on, first_layer=prefix_layer(model))
     fmt = prompt_format(tokenizer, config.prompt.format)
     system.val_qa = _validation_questions(val_docs, tr.val_questions, tokenizer, embeddings,
                                           fmt)
@@ -154,6 +157,9 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
         _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
         _data(val_docs, config, tokenizer, fmt, bank, embeddings) if val_docs else None,
         tr.batch_size, tr.num_workers, seed=config.run.seed)
+    if system.first_layer:
+        for data in filter(None, (datamodule.train, datamodule.val)):
+            data.cache_states(model, system.first_layer, tr.batch_size)
 
     resume = _resume_point(ckpt_dir, key)
     trainer = pl.Trainer(

@@ -22,7 +22,7 @@ Three modes:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -83,15 +83,20 @@ def _lora_hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor | None:
     return full
 
 
-def inject_lora(model: nn.Module) -> LoRAInjection:
+def inject_lora(model: nn.Module, layers: Sequence[int] | None = None) -> LoRAInjection:
     """Install the LoRA hooks on ``model`` (once) and freeze its parameters.
 
-    Calling it again on the same model returns the same injection.
+    ``layers``: the decoder layers whose FFN projections take LoRAs (None: every layer;
+    ``dyprag.models.lora_layers`` reads ``model.lora_layers``). Calling it again on the same
+    model returns the same injection; asking it for other layers then is an error.
     """
     existing = getattr(model, _ATTR, None)
     if existing is not None:
+        if layers is not None and list(layers) != existing.layers:
+            raise ValueError(f"this model's LoRA targets are layers {existing.layers}, not "
+                             f"{list(layers)}; load the model again to change them")
         return existing
-    injection = LoRAInjection(model)
+    injection = LoRAInjection(model, layers)
     setattr(model, _ATTR, injection)
     return injection
 
@@ -99,10 +104,16 @@ def inject_lora(model: nn.Module) -> LoRAInjection:
 class LoRAInjection:
     """The LoRA hooks of one model: set the active LoRA, merge and unmerge."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, layers: Sequence[int] | None = None):
         self.model = model
-        self.targets: dict[Key, FFNTarget] = {(t.layer, t.module): t
-                                              for t in find_ffn_targets(model)}
+        every = find_ffn_targets(model)
+        count = 1 + max(t.layer for t in every)
+        wanted = set(range(count) if layers is None else layers)
+        if not wanted or not wanted <= set(range(count)):
+            raise ValueError(f"LoRA layers {sorted(wanted)} are not a non-empty subset of the "
+                             f"model's {count} layers (0..{count - 1})")
+        self.targets: dict[Key, FFNTarget] = {(t.layer, t.module): t for t in every
+                                              if t.layer in wanted}
         model.requires_grad_(False)
         # Group logical targets by the nn.Linear that holds them (two for gate_up_proj).
         self._linears: list[nn.Linear] = []
@@ -124,14 +135,15 @@ class LoRAInjection:
         return {k: (t.in_features, t.out_features) for k, t in self.targets.items()}
 
     @property
-    def num_layers(self) -> int:
-        return 1 + max(layer for layer, _ in self.targets)
+    def layers(self) -> list[int]:
+        """The layers that take LoRAs, ascending."""
+        return sorted({layer for layer, _ in self.targets})
 
     def check(self, lora: LoRA) -> None:
         """Raise ``ValueError`` naming the first target where ``lora`` does not fit."""
-        if lora.layers != list(range(self.num_layers)):
-            raise ValueError(f"LoRA covers layers {lora.layers} but the model has "
-                             f"{self.num_layers} layers (0..{self.num_layers - 1})")
+        if lora.layers != self.layers:
+            raise ValueError(f"LoRA covers layers {lora.layers} but this model takes LoRAs on "
+                             f"layers {self.layers}")
         model_device = next(iter(self.targets.values())).linear.weight.device
         autocast = torch.is_autocast_enabled(model_device.type)
         for key, a, b in lora.items():

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from dyprag.files import atomic_path, atomic_write_json, read_meta, read_safetensors
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
-from dyprag.models import MODULES
+from dyprag.models import MODULES, find_ffn_targets
 
 FORMAT = "dyprag-lora"
 WEIGHTS = "lora.safetensors"
@@ -126,6 +126,9 @@ def export_peft(lora: LoRA, model: torch.nn.Module, path: str | os.PathLike,
         "target_modules": sorted(suffixes), "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "fan_in_fan_out": False, "use_rslora": False,
         "use_dora": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None,
+        "modules_to_save": None,
+        # a LoRA on some layers only (model.lora_layers): PEFT adds adapters there alone
+        "layers_to_transform": (None if lora.layers == sorted({t.layer for t in find_ffn_targets(model)})
+                                else lora.layers),
     })
     return out

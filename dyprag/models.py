@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dyprag.config import LORA_LAYERS
 from dyprag.files import atomic_dir
 
 MODULES = ("gate", "up", "down")
@@ -122,6 +123,22 @@ def find_ffn_targets(model: nn.Module) -> list[FFNTarget]:
     assert layers == list(range(len(layers))), f"non-contiguous layer indices {layers}"
     order = {m: i for i, m in enumerate(MODULES)}
     return sorted(targets, key=lambda t: (t.layer, order[t.module]))
+
+
+def lora_layers(spec: str, model: nn.Module) -> list[int] | None:
+    """The decoder layers of ``model`` that ``spec`` (``LORA_LAYERS``) names; None for all."""
+    match = LORA_LAYERS.match(spec)
+    if match is None:
+        raise ValueError(f"model.lora_layers: {spec!r} is not 'all', 'A-B' or 'A-'")
+    if spec == "all":
+        return None
+    count = 1 + max(t.layer for t in find_ffn_targets(model))
+    first = int(match["first"])
+    last = count - 1 if match["last"] is None else int(match["last"])
+    if not first <= last < count:
+        raise ValueError(f"model.lora_layers: {spec!r} is not a range of this model's "
+                         f"{count} layers (0..{count - 1})")
+    return list(range(first, last + 1))
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

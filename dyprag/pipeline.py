@@ -45,7 +45,8 @@ from dyprag.files import (
 )
 from dyprag.fit import fit_translator
 from dyprag.loggers import log_results
-from dyprag.models import load_model
+from dyprag.inject import inject_lora
+from dyprag.models import load_model, lora_layers
 from dyprag.prompts import prompt_format
 from dyprag.qa import QAExample
 from dyprag.report import plot
@@ -234,8 +235,7 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
         load_path, model_id = stage_base(config, data, out)
         model, tokenizer = load_model(load_path, dtype=config.model.dtype,
                                       device=config.model.device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+        inject_lora(model, lora_layers(config.model.lora_layers, model))  # also freezes it
     with clock("index"):
         retriever = stage_index(config, data, out)
 
@@ -329,7 +329,8 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
     with clock("eval"), tqdm(total=len(ev.modes) + dyprag, desc="eval", unit="mode",
                              disable=rank_zero_only.rank != 0) as bar:
         def done(mode: str, s: dict) -> None:
-            bar.write(f"[dyprag] eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}")
+            bar.write(f"[dyprag] eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}  "
+                      f"acc {s['acc']:.3f}")
             bar.update()
 
         grid, predictions = evaluate(model, tokenizer, ev.modes, questions, golds, hits,
@@ -350,4 +351,5 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
                 **{m: predictions[m][i] for m in ev.modes}}
                for i, qa in enumerate(test[:ev.samples])]
     return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in grid.items()},
-            "em": {m: s["em"] for m, s in grid.items()}, **dependence, "samples": samples}
+            "em": {m: s["em"] for m, s in grid.items()},
+            "acc": {m: s["acc"] for m, s in grid.items()}, **dependence, "samples": samples}

@@ -25,7 +25,7 @@ from dyprag.embed import EmbeddingTable, document_encoder
 from dyprag.files import Unreadable
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
-from dyprag.models import load_model
+from dyprag.models import load_model, lora_layers
 from dyprag.prompts import prompt_format
 from dyprag.retrieval import Retriever, load_retriever
 from dyprag.translator import load_translator
@@ -66,8 +66,9 @@ class TrainedRun:
         corpus = rundir.corpus_path(config, path)
         model, tokenizer = load_model(load_path, dtype=config.model.dtype,
                                       device=device or config.model.device)
+        injection = inject_lora(model, lora_layers(config.model.lora_layers, model))
         translator, meta = load_translator(path / rundir.TRANSLATOR, model_id,
-                                           inject_lora(model).shapes, device=model.device)
+                                           injection.shapes, device=model.device)
         retriever = load_retriever(path / rundir.INDEX)
         if not corpus.is_file():
             raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")

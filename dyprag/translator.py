@@ -69,7 +69,8 @@ class ParameterTranslator(nn.Module):
 
     def __init__(self, shapes: Mapping[Key, tuple[int, int]], embed_dim: int, rank: int,
                  alpha: float, architecture: str = "per_layer", hidden: int = 32,
-                 target_embed_dim: int = 32, input_norm: str = "standard"):
+                 target_embed_dim: int = 32, input_norm: str = "standard",
+                 bottleneck: int = 0):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
@@ -84,11 +85,19 @@ class ParameterTranslator(nn.Module):
         if input_norm not in ("standard", "layer"):
             raise ValueError(f"input_norm must be 'standard' or 'layer', got {input_norm!r}")
         self.input_norm = input_norm
+        if bottleneck < 0:
+            raise ValueError(f"bottleneck must be ≥ 0, got {bottleneck}")
+        self.bottleneck = bottleneck if architecture == "linear" else 0
         if architecture == "linear":
-            # Per target: B linear in the embedding (zero at init), A one learned matrix.
+            # Per target: B linear in the embedding (zero at init), A one learned matrix. With a
+            # bottleneck, every target reads one shared projection of the embedding to that
+            # width (still linear in it): Σ out·r·bottleneck weights instead of Σ out·r·D.
             g = torch.Generator().manual_seed(0)
+            if self.bottleneck:
+                self.project = nn.Linear(embed_dim, self.bottleneck)
+            width = self.bottleneck or embed_dim
             self.b_maps = nn.ModuleDict({f"{layer}_{module}": _zero_linear(
-                embed_dim, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
+                width, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
             # Embeddings standardised first (a token-mean embedding's entries are ~0.01: a
             # linear map of them would need huge weights, which Adam grows slowly).
             if input_norm == "standard":  # statistics set by ``standardize``, saved with it
@@ -131,6 +140,8 @@ class ParameterTranslator(nn.Module):
         if self.architecture == "linear":
             emb = ((emb - self.in_mean) / self.in_std if self.input_norm == "standard"
                    else self.norm(emb))
+            if self.bottleneck:
+                emb = self.project(emb)
             for key in self.keys:
                 name = f"{key[0]}_{key[1]}"
                 A[key] = self.a[name].expand(n, -1, -1)  # (N, r, in), shared by every document
@@ -173,6 +184,7 @@ class ParameterTranslator(nn.Module):
         return {"architecture": self.architecture, "embed_dim": self.embed_dim,
                 "rank": self.rank, "alpha": self.alpha, "hidden": self.hidden,
                 "target_embed_dim": self.target_embed_dim, "input_norm": self.input_norm,
+                "bottleneck": self.bottleneck,
                 "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in self.shapes.items()}}
 
 

@@ -86,6 +86,22 @@ def test_prag_examples_two_qa_with_each_text_and_one_closed_book():
 EXACT = dict(rtol=1e-9, atol=1e-10)
 
 
+def test_a_bank_on_the_top_layers_equals_one_trained_without_the_state_cache(tmp_path, monkeypatch):
+    model, tokenizer = setup(dtype=torch.float64)
+    model = tiny_model(vocab_size=model.config.vocab_size, num_hidden_layers=4,
+                       pad_token_id=tokenizer.pad_token_id).to(torch.float64)
+    inject_lora(model, [2, 3])
+    cached = all_loras(build_bank(model, tokenizer, DOCS, tmp_path / "cached", CONFIG,
+                                  progress=False))
+    monkeypatch.setattr(bank_mod, "prefix_layer", lambda model: 0)  # every step from the tokens
+    full = all_loras(build_bank(model, tokenizer, DOCS, tmp_path / "full", CONFIG,
+                                progress=False))
+    assert cached.layers == [2, 3]
+    assert cached.B[(3, "down")].abs().sum() > 0, "LoRAs were not trained"
+    assert_close(cached.A, full.A, **EXACT)
+    assert_close(cached.B, full.B, **EXACT)
+
+
 def test_batched_bank_equals_training_each_document_alone(tmp_path):
     model, tokenizer = setup(dtype=torch.float64)
     batched = all_loras(build_bank(model, tokenizer, DOCS, tmp_path / "batched", CONFIG,
@@ -119,8 +135,9 @@ def test_locality_term_is_zero_for_a_zero_lora_and_keeps_other_answers():
     rows = [document_examples(d, CONFIG, tokenizer)[0] for d in DOCS[:3]]
     zero = bank_mod._shared_init(inject_lora(model).shapes, CONFIG)  # B = 0: ΔW = 0
     zero = zero.map(lambda t: torch.stack([t] * 3))
-    assert_close(bank_mod._step_losses(model, tokenizer, zero, rows, w_locality=5.0),
-                 bank_mod._step_losses(model, tokenizer, zero, rows))
+    assert_close(bank_mod._step_losses(model, zero, bank_mod._step_batch(model, tokenizer, rows,
+                                                                         5.0), w_locality=5.0),
+                 bank_mod._step_losses(model, zero, bank_mod._step_batch(model, tokenizer, rows)))
     # One group of five documents: LoRA b's locality rows are document b + 1's questions.
     recipe = dataclasses.replace(CONFIG, epochs=6, qa_with_passage=0, qa_closed_book=2,
                                  shard_size=8)

@@ -50,6 +50,75 @@ def test_identical_student_and_teacher_give_zero_kl_and_mse():
     assert losses["lm"] > 0
 
 
+def _deep_setup(kl_on: str = "all"):
+    """A 4-layer model with LoRAs on layers 2-3, a trained-looking student and teachers."""
+    tokenizer = build_tokenizer(["Question: Where was Idris born? Answer: Velmora .",
+                                 "Who employs Tamsin? Halvex", "Idris was born in"])
+    model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       num_hidden_layers=4).to(torch.float64)
+    shapes = inject_lora(model, [2, 3]).shapes
+    torch.manual_seed(0)
+    translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0).double()
+    with torch.no_grad():
+        for p in translator.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    teachers = LoRA.random(shapes, 2, 4.0, batch_size=1, std=0.3,
+                           generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    data = DistillationData(tokenizer, torch.randn(2, 8, dtype=torch.float64), teachers,
+                            EXAMPLES, torch.tensor([1.0, 0.0]))
+    system = TranslatorDistillation(model, translator, kl_on=kl_on, first_layer=2)
+    return model, data, system
+
+
+@pytest.mark.parametrize("kl_on", ["all", "answer"])
+def test_losses_and_gradients_from_cached_states_equal_full_forwards(kl_on):
+    model, data, system = _deep_setup(kl_on)
+    results = []
+    for cached in (False, True):
+        data.states = None
+        if cached:
+            data.cache_states(model, 2, batch_size=2)
+        batch = data.collate([data[i] for i in range(len(data))])
+        assert ("states" in batch) == cached
+        system.first_layer = 2 if cached else 0
+        system.translator.zero_grad()
+        losses = system.losses(batch)
+        losses["loss"].backward()
+        results.append((losses, [p.grad.clone() for p in system.translator.parameters()]))
+    (full, full_grads), (cached, cached_grads) = results
+    assert full["kl"] > 0 and full["lm"] > 0
+    for key in ("loss", "lm", "kl", "mse"):
+        assert_close(cached[key], full[key], rtol=1e-10, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in full_grads)
+    for c, f in zip(cached_grads, full_grads):
+        assert_close(c, f, rtol=1e-9, atol=1e-12)
+
+
+def test_the_kl_on_answers_reads_only_the_labelled_positions():
+    model, data, system = _deep_setup("answer")
+    batch = data.collate([data[i] for i in range(len(data))])
+    answer = system.losses(batch)["kl"]
+    system.kl_on = "all"
+    every = system.losses(batch)["kl"]
+    assert not torch.isclose(answer, every)
+    # Changing a prompt token's teacher-student gap only where no answer is predicted leaves
+    # the answer-only KL as it was: its value equals a hand computation over labelled tokens.
+    from dyprag.prefix import final_hidden, logits_at
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
+    at = (targets != -100) & (batch["distilled"] > 0)[:, None]
+    student = system.translator(batch["embedding"])
+    teacher = LoRA(batch["teacher_A"], batch["teacher_B"], 4.0)
+    with torch.no_grad():
+        with system.injection.use(student):
+            s = logits_at(model, final_hidden(model, ids, mask), at)
+        with system.injection.use(teacher):
+            t = logits_at(model, final_hidden(model, ids, mask), at)
+    want = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                      reduction="none").sum(-1).mean()
+    assert_close(answer.detach(), want, rtol=1e-8, atol=1e-10)
+
+
 def test_locality_is_zero_for_a_zero_student_and_skips_rows_of_one_document():
     model, tokenizer, translator, data = setup()
     system = TranslatorDistillation(model, translator, w_locality=1.0)
@@ -158,7 +227,7 @@ def test_the_teacher_runs_only_when_its_kl_counts():
     model, tokenizer, translator, data = setup(teacher_std=0.3)
     batch = batch_of(data, tokenizer)
     calls = []
-    model.register_forward_hook(lambda *_: calls.append(1))
+    model.get_decoder().register_forward_hook(lambda *_: calls.append(1))
     assert TranslatorDistillation(model, translator, w_kl=0.01).losses(batch)["kl"] > 0
     assert len(calls) == 2  # student, teacher
     calls.clear()
@@ -176,7 +245,7 @@ def test_the_teacher_reads_only_the_rows_with_a_teacher():
     system = TranslatorDistillation(model, translator)
     batch["distilled"] = torch.tensor([0.0, 0.0, 1.0])
     rows = []
-    model.register_forward_hook(lambda m, args, kwargs, out: rows.append(
+    model.get_decoder().register_forward_hook(lambda m, args, kwargs, out: rows.append(
         kwargs["input_ids"].shape[0]), with_kwargs=True)
     kl = system.losses(batch)["kl"]
     assert rows == [3, 1]  # the student on every row, the teacher on row 2 alone

@@ -158,3 +158,20 @@ def test_peft_export_loads_in_peft_and_reproduces_logits(arch, tmp_path):
     inject_lora(base).remove()
     peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     assert_close(peft_model(ids).logits, ours)
+
+
+def test_peft_export_of_a_lora_on_the_top_layers_adds_nothing_below(tmp_path):
+    model = tiny_model("llama", num_hidden_layers=4)
+    inject_lora(model, [2, 3])
+    lora = random_lora(model)
+    ids = tokens(2, 9)
+    with inject_lora(model).use(lora):
+        ours = model(ids).logits
+    export_peft(lora, model, tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [2, 3]
+    base = copy.deepcopy(model)
+    inject_lora(base).remove()
+    peft_model = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert not any("layers.1." in name and "lora_A" in name for name, _ in peft_model.named_modules())
+    assert_close(peft_model(ids).logits, ours)

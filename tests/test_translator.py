@@ -137,3 +137,25 @@ def test_a_translator_saved_before_standardisation_loads_with_its_layer_norm(tmp
     loaded, _ = load_translator(out, shapes=inject_lora(model).shapes)
     assert loaded.input_norm == "layer"
     assert_close(loaded(emb).delta((0, "up")), translator(emb).delta((0, "up")))
+
+
+def test_a_bottleneck_keeps_the_linear_translator_linear_and_smaller(tmp_path):
+    model, wide = make("linear")
+    _, narrow = make("linear", bottleneck=3)
+    size = lambda t: sum(p.numel() for p in t.parameters())  # noqa: E731
+    assert size(narrow) < size(wide)
+    lora = narrow(torch.randn(2, 16))
+    for key in lora.keys:  # zero B at init: the base model
+        assert_close(lora.delta(key), torch.zeros_like(lora.delta(key)))
+    with torch.no_grad():
+        for p in narrow.parameters():
+            p.add_(torch.randn_like(p))
+    x, y = torch.randn(1, 16), torch.randn(1, 16)
+    key = lora.keys[0]
+    # B is affine in the embedding: B(x) + B(y) = B((x + y) / 2) · 2
+    b = lambda e: narrow(e).B[key]  # noqa: E731
+    assert_close(b(x) + b(y), 2 * b((x + y) / 2), rtol=1e-4, atol=1e-5)
+    save_translator(narrow, tmp_path / "t")
+    loaded, _ = load_translator(tmp_path / "t")
+    assert loaded.bottleneck == 3
+    assert_close(loaded(x).B[key], b(x))
