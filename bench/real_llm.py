@@ -37,6 +37,7 @@ from dyprag.augment import read_augmented
 from dyprag.config import Config, load_config
 from dyprag.distill import DistillationData, TranslatorDistillation
 from dyprag.examples import document_examples
+from dyprag.files import read_json
 from dyprag.fit import translator_recipe
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
@@ -62,7 +63,8 @@ def train_tokens_per_s(config: Config, out: Path, rows: int = 64) -> dict[str, f
         layers = None if name == "before" else lora_layers(config.model.lora_layers, model)
         shapes = inject_lora(model, layers).shapes
         fmt = prompt_format(tokenizer, config.prompt.format)
-        examples = [document_examples(d, translator_recipe(config), tokenizer, fmt) for d in docs]
+        examples = [document_examples(d, translator_recipe(config), tokenizer, fmt,
+                                      config.train.passage_qa == "spread") for d in docs]
         keep, n = [], 0
         for doc in examples:  # whole documents until ``rows`` rows
             if n >= rows:

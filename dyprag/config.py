@@ -305,6 +305,9 @@ class TrainConfig(Section):
     # QA pairs per document also asked with the passage (and again with its rewrite) in the
     # prompt, so the generated LoRA and a passage agree (0: the bank's recipe only).
     qa_with_passage: int = 1
+    # Which QA pairs are asked with the passage: the first ``qa_with_passage`` with every text
+    # ("first"), or different ones per text, spread over the document's pairs ("spread").
+    passage_qa: Literal["first", "spread"] = "first"
     # Also the LM loss on the passage and its rewrites with the generated LoRA (the bank's
     # recipe; DyPRAG's translator trains on the QA pairs only).
     passage_lm: bool = False

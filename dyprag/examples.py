@@ -21,18 +21,29 @@ Segments = list[tuple[str, bool]]
 
 
 def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer,
-                      fmt: PromptFormat = PLAIN) -> list[Segments]:
+                      fmt: PromptFormat = PLAIN, spread: bool = False) -> list[Segments]:
     """A document's training sequences (PRAG: 2 QA × {passage, rewrite} + 1 closed-book),
-    asked in the run's prompt format."""
+    asked in the run's prompt format.
+
+    ``spread``: the QA asked with a passage differ per text (passage, each rewrite), spread
+    evenly over the document's pairs, instead of the first ``qa_with_passage`` asked with
+    every text. The world's pairs come attribute by attribute, so the first ones all ask one
+    fact: a translator trained on them learns to answer that fact whatever a passage is asked
+    (bench/RESULTS.md, issue 23)."""
     texts = [doc.text, *doc.rewrites]
-    with_passage = doc.qa[:config.qa_with_passage]
+    k = min(config.qa_with_passage, len(doc.qa))
+    if spread and k:
+        slots = k * len(texts)  # (text, question) pairs, each a different QA where there are enough
+        picks = [doc.qa[(m * len(doc.qa)) // slots] for m in range(slots)]
+        asked = [(t, picks[i * k + j]) for i, t in enumerate(texts) for j in range(k)]
+    else:
+        asked = [(t, qa) for qa in doc.qa[:k] for t in texts]
     closed = doc.qa[len(doc.qa) - min(config.qa_closed_book, len(doc.qa)):]
     examples: list[Segments] = []
     if config.text:
         examples += [[(t + (tokenizer.eos_token or ""), True)] for t in texts]
-    for qa in with_passage:
-        examples += [[(fmt.prompt(qa["question"], [t]), False),
-                      (fmt.target(qa["answer"], tokenizer), True)] for t in texts]
+    examples += [[(fmt.prompt(qa["question"], [t]), False),
+                  (fmt.target(qa["answer"], tokenizer), True)] for t, qa in asked]
     examples += [[(fmt.prompt(qa["question"]), False),
                   (fmt.target(qa["answer"], tokenizer), True)] for qa in closed]
     if config.loss_on == "all":

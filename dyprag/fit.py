@@ -85,7 +85,9 @@ def _data(docs: list[AugmentedDoc], config: Config, tokenizer, fmt: PromptFormat
     every = [*docs, *extra]
     return DistillationData(tokenizer, embeddings.get([d.doc_id for d in every]),
                             lora_bank.get([d.doc_id for d in docs]),
-                            [document_examples(d, recipe, tokenizer, fmt) for d in every],
+                            [document_examples(d, recipe, tokenizer, fmt,
+                                               config.train.passage_qa == "spread")
+                             for d in every],
                             torch.tensor([1.0] * len(docs) + [0.0] * len(extra)))
 
 

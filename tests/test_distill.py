@@ -287,6 +287,28 @@ def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
     assert with_passage[0].startswith(f"Passage: {doc.text}")
 
 
+def test_spread_passage_questions_differ_per_text():
+    qa = [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(10)]
+    doc = AugmentedDoc("d", "Idris was born in Velmora .", ["R1 .", "R2 ."], qa)
+    tokenizer = build_tokenizer([doc.text, "R1 R2 Question: Answer: Passage:"] + [
+        f"Q{i} A{i}" for i in range(10)])
+    recipe = translator_recipe(load_config(None, ["train.qa_with_passage=1"]))
+
+    def asked(spread: bool) -> list[tuple[str, str]]:
+        rows = document_examples(doc, recipe, tokenizer, spread=spread)
+        with_text = [ex[0][0] for ex in rows if ex[0][0].startswith("Passage:")]
+        return [(p.split("Passage: ")[1].split(" Question")[0].strip(), p.split("Question: ")[1].split()[0])
+                for p in with_text]
+
+    assert [q for _, q in asked(False)] == ["Q0?"] * 3  # the first pair with every text
+    spread = asked(True)
+    assert [t for t, _ in spread] == [doc.text, "R1 .", "R2 ."]
+    assert [q for _, q in spread] == ["Q0?", "Q3?", "Q6?"]  # one per text, spread over ten
+    closed = lambda s: [ex for ex in document_examples(doc, recipe, tokenizer, spread=s)  # noqa: E731
+                        if not ex[0][0].startswith("Passage:")]
+    assert closed(True) == closed(False)
+
+
 def test_lm_only_documents_share_one_zero_teacher():
     model, tokenizer, _, data = setup(teacher_std=0.3)
     first = data.teachers[0]
