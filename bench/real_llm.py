@@ -4,7 +4,8 @@ pairs, PRAG bank, DyPRAG translator, every @1 mode on the world's test people).
 
     python bench/real_llm.py                          # under an hour on 2 CPU cores
     python bench/real_llm.py augment.method=llm       # the model writes its own QA pairs
-    python bench/real_llm.py --reuse /tmp/rl          # report a finished run (or resume one)
+    python bench/real_llm.py --reuse /tmp/rl          # rerun a finished run (or resume one)
+    python bench/real_llm.py --reuse /tmp/rl --finished    # report it as it finished
     python bench/real_llm.py --out /tmp/rl train.accelerator=gpu    # overrides as train.py's
 
 Prints one JSON object as its last line: ``model``, ``f1`` and ``em`` by mode,
@@ -99,13 +100,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="checkpoints/real-llm-bench", help="run root")
     parser.add_argument("--reuse", default=None, help="a run root to reuse (or resume)")
+    parser.add_argument("--finished", action="store_true",
+                        help="with --reuse: report its finished run's eval.json, run nothing")
     parser.add_argument("overrides", nargs="*", help="config overrides, as train.py's")
     args = parser.parse_args()
     root = Path(args.reuse or args.out)
     clean = not root.exists()
     config = load_config(CONFIG, [f"run.root={root}", *args.overrides])
-    results = run(config)
     out = root / config.run.name
+    if args.finished:
+        if not args.reuse:
+            parser.error("--finished needs --reuse RUN_ROOT")
+        results = read_json(out / "eval.json")  # the finished run's results (written last)
+    else:
+        results = run(config)
     docs = [d for name in ("augmented.jsonl", "augmented-eval.jsonl")
             if (out / name).is_file() for d in read_augmented(out / name)]
     banks = [read_json(out / name / "meta.json")["documents"] for name in ("bank", "bank-eval")
