@@ -88,7 +88,9 @@ def main() -> None:
             logits = model(input_ids=ids[:, p - 1:p + a - 1], attention_mask=mask,
                            cache=cache, use_cache=True).logits.float()  # (n, a, V)
         F.cross_entropy(logits.transpose(1, 2), ids[:, p:]).backward()
-        cache.crop(-a)  # drop the answer span the step appended
+        cache.crop(-a)  # drop the answer span the step appended, and its autograd history
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys.detach(), layer.values.detach()
     result["answer_only"] = tokens / (time.perf_counter() - start)
 
     print(json.dumps({"rows": n, "prompt_tokens": p, "answer_tokens": a, "steps": args.steps,

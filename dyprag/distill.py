@@ -242,8 +242,8 @@ class TranslatorDistillation(pl.LightningModule):
         teacher = LoRA(batch["teacher_A"], batch["teacher_B"], self.translator.alpha)
         ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         states = batch.get("states")  # the frozen layers' output (``cache_states``)
-        w = batch.get("distilled", torch.ones(ids.shape[0])).to(ids.device).float()  # (N,) 1:
-        # the row has a teacher
+        # (N,): 1 where the row's document has a teacher (a bank LoRA)
+        w = batch.get("distilled", torch.ones(ids.shape[0])).to(ids.device).float()
         # Position t predicts token t + 1: the LM term reads the labelled ones, the KL term
         # every real token (``kl_on: all``, DyPRAG's) or the labelled ones; logits only there.
         targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)  # (N, T)
@@ -258,13 +258,13 @@ class TranslatorDistillation(pl.LightningModule):
         logits = logits_at(self.base, hidden, keep)  # (M, V), row-major over ``keep``
         lm = F.cross_entropy(logits[lm_at[keep]], targets[lm_at])
         kl = logits.new_zeros(())
-        rows = taught.nonzero().squeeze(1)  # the teacher's forward only on the rows it counts in
-        if kl_at.any():
-            with torch.no_grad(), self.injection.use(teacher[rows].to(dtype=student.dtype)):
-                teacher_hidden = final_hidden(self.base, ids[rows], mask[rows],
-                                              None if states is None else states[rows],
+        if kl_at.any():  # the teacher's forward only on the rows its KL counts in
+            t = taught.nonzero().squeeze(1)
+            with torch.no_grad(), self.injection.use(teacher[t].to(dtype=student.dtype)):
+                teacher_hidden = final_hidden(self.base, ids[t], mask[t],
+                                              None if states is None else states[t],
                                               self.first_layer)
-                teacher_logits = logits_at(self.base, teacher_hidden, kl_at[rows])
+                teacher_logits = logits_at(self.base, teacher_hidden, kl_at[t])
             kl_tokens = F.kl_div(F.log_softmax(logits[kl_at[keep]], -1),
                                  F.log_softmax(teacher_logits, -1),
                                  log_target=True, reduction="none").sum(-1)  # (M_kl,)
