@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from dyprag.answer import document_dependence, evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from dyprag.metrics import accuracy, exact_match, f1_score
+    from dyprag.metrics import score
     from dyprag.report import markdown, plot
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
@@ -101,9 +101,8 @@ def _run(args) -> int:
                                                    ev.batch_size, run.fmt, run.config.run.seed)
         predictions += [{"dataset": name, "mode": m, "question": qa.question,
                          "answers": qa.answers, "retrieved": h, "prediction": answers[m][i],
-                         "em": exact_match(answers[m][i], qa.answers),
-                         "f1": f1_score(answers[m][i], qa.answers),
-                         "acc": accuracy(answers[m][i], qa.answers)}
+                         **{k: v for k, v in score([answers[m][i]], [qa.answers]).items()
+                            if k != "n"}}
                         for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
     out.mkdir(parents=True, exist_ok=True)
     dependence = {name: d for name, d in dependence.items() if d}  # ≥ 2 documents only

@@ -58,6 +58,7 @@ def train_tokens_per_s(config: Config, out: Path, rows: int = 64) -> dict[str, f
     and ``after`` (the config's layers, KL recipe and cache, the cache's cost included)."""
     load_path, _ = base_model(config, out)
     docs = read_augmented(out / "augmented.jsonl")
+    embed_dim = read_json(out / "translator" / "meta.json")["embedding_dim"]  # the run's input
     result = {}
     for name in ("before", "after"):
         model, tokenizer = load_model(load_path, dtype="float32", device="cpu")
@@ -74,7 +75,7 @@ def train_tokens_per_s(config: Config, out: Path, rows: int = 64) -> dict[str, f
             n += len(doc)
         t, tr, b = config.translator, config.train, config.bank
         torch.manual_seed(0)
-        translator = ParameterTranslator(shapes, 576 if t.embedding == "tokens" else 384, b.rank,
+        translator = ParameterTranslator(shapes, embed_dim, b.rank,
                                          b.alpha, t.architecture, t.hidden, t.target_embed_dim,
                                          bottleneck=t.bottleneck)
         teachers = LoRA.random(shapes, b.rank, b.alpha, batch_size=len(keep), std=0.01)
