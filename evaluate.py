@@ -7,7 +7,7 @@
 Writes into ``<run>/eval/`` (or ``--out``): ``report.md`` (the grid and, with a DyPRAG mode
 and questions about at least two documents, the translator's document dependence: dyprag@1
 F1 with an irrelevant document and the mean cosine of the generated ΔW across documents),
-``report.json``,
+``report.json`` (also F1 by mode and fact where the questions name their facts: the world's),
 ``predictions.jsonl`` (one line per dataset × question × mode: question, gold answers,
 retrieved ids, prediction, EM, F1, acc), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
 grid as a table to a W&B run in the run directory (offline unless W&B is configured;
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from dyprag.answer import document_dependence, evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from dyprag.metrics import score
+    from dyprag.metrics import f1_by_group, facts, score
     from dyprag.report import markdown, plot
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
@@ -80,7 +80,7 @@ def _run(args) -> int:
     out = args.out or run.path / "eval"
     k = max(parse_mode(m)[1] for m in args.modes) or 1
     dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in args.modes)
-    grid, dependence, predictions = {}, {}, []
+    grid, dependence, by_fact, predictions = {}, {}, {}, []
     ev = run.config.eval
     for name, examples in datasets(args, run):
         if not examples:
@@ -95,6 +95,9 @@ def _run(args) -> int:
                                        hits, run.knowledge, ev.max_new_tokens, ev.batch_size,
                                        progress=functools.partial(_progress, name), fmt=run.fmt,
                                        scores=[[s for _, s in h] for h in retrieved])
+        asked = facts([qa.meta for qa in examples])
+        if asked:
+            by_fact[name] = {m: f1_by_group(answers[m], golds, asked) for m in args.modes}
         if dyprag:
             dependence[name] = document_dependence(run.model, run.tokenizer, questions, golds,
                                                    hits, run.knowledge, ev.max_new_tokens,
@@ -106,10 +109,11 @@ def _run(args) -> int:
                         for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
     out.mkdir(parents=True, exist_ok=True)
     dependence = {name: d for name, d in dependence.items() if d}  # ≥ 2 documents only
-    report = markdown(grid, args.modes, dependence)
+    report = markdown(grid, args.modes, dependence, by_fact)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "report.json", {"run": str(run.path), "modes": args.modes,
-                                            "grid": grid, "document_dependence": dependence})
+                                            "grid": grid, "document_dependence": dependence,
+                                            "f1_by_fact": by_fact})
     atomic_write_jsonl(out / "predictions.jsonl", predictions)
     plot(grid, args.modes, out / "f1.png")
     if not args.no_wandb:

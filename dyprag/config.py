@@ -254,7 +254,7 @@ class BankConfig(Section):
 class TranslatorConfig(Section):
     # The world's translator: linear in the passage's mean token embedding (see
     # dyprag/translator.py); DyPRAG's per-layer MLPs on the LLM embedding: configs/base/paper.yaml.
-    architecture: Literal["per_layer", "shared", "linear"] = "linear"
+    architecture: Literal["per_layer", "shared", "linear", "attention", "deepsets"] = "linear"
     hidden: int = 32
     target_embed_dim: int = 32
     # ``linear`` only: every target's B reads one shared projection of the embedding to this
@@ -263,10 +263,20 @@ class TranslatorConfig(Section):
     bottleneck: int = 0
     # The document embedding it reads: the retriever's, the base model's last-token state of
     # the passage ("llm", DyPRAG's) or its mean input-token embedding ("tokens").
-    embedding: Literal["retriever", "llm", "tokens"] = "tokens"
+    # or the first ``max_tokens`` input-token embeddings one by one ("token_list"), which the
+    # ``attention`` translator reads: ``queries`` learned queries each pick tokens out of the
+    # passage, and every target's B is linear in their picks (dyprag/translator.py).
+    embedding: Literal["retriever", "llm", "tokens", "token_list"] = "tokens"
+    queries: int = 8
+    max_tokens: int = 64
 
     def problems(self) -> list[str]:
-        return _at_least(self, 1, "hidden", "target_embed_dim") + _at_least(self, 0, "bottleneck")
+        out = _at_least(self, 1, "hidden", "target_embed_dim", "queries", "max_tokens")
+        if (self.architecture in ("attention", "deepsets")) != (self.embedding == "token_list"):
+            out.append("architecture: 'attention' and 'deepsets' read, and alone read, "
+                       f"embedding 'token_list'; got architecture {self.architecture!r} with "
+                       f"embedding {self.embedding!r}")
+        return out + _at_least(self, 0, "bottleneck")
 
 
 @dataclass(frozen=True)

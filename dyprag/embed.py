@@ -197,16 +197,46 @@ class TokenMeanEmbedder(LLMEmbedder):
         return np.concatenate(rows)
 
 
+class TokenListEmbedder(LLMEmbedder):
+    """The base model's input-token embeddings of each passage's first ``max_tokens`` tokens,
+    zero-padded and flattened, ``(N, max_tokens · hidden)``: the attention translator reads
+    the tokens one by one (a mean cannot say which of a hundred years a passage names).
+    ``token_dim`` is the width of one token."""
+
+    def __init__(self, model, tokenizer, name: str, max_tokens: int = 64):
+        super().__init__(model, tokenizer, name)
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be ≥ 1, got {max_tokens}")
+        self.name, self.max_tokens = f"token_list{max_tokens}:{name}", max_tokens
+        self.token_dim, self.dim = self.dim, self.dim * max_tokens
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> np.ndarray:
+        if isinstance(texts, str):
+            raise TypeError("encode takes a list of strings, not one string")
+        table = self.model.get_input_embeddings().weight  # (V, H)
+        out = np.zeros((len(texts), self.max_tokens, self.token_dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.max_tokens]
+            if not ids:
+                raise ValueError(f"passage {text[:40]!r} has no tokens")
+            out[i, :len(ids)] = table[torch.tensor(ids, device=table.device)].float().cpu().numpy()
+        return out.reshape(len(texts), self.dim)
+
+
 def document_encoder(source: str, model, tokenizer, model_id: str,
-                     retriever_embedder: Embedder | None = None) -> Embedder:
+                     retriever_embedder: Embedder | None = None,
+                     max_tokens: int = 64) -> Embedder:
     """What makes the translator's document embeddings (``translator.embedding``): the
-    retriever's embedder, the base model's last-token state (``llm``) or its mean input-token
-    embedding (``tokens``)."""
+    retriever's embedder, the base model's last-token state (``llm``), its mean input-token
+    embedding (``tokens``) or its first ``max_tokens`` input-token embeddings (``token_list``)."""
     if source == "retriever":
         if retriever_embedder is None:
             raise ValueError("translator.embedding 'retriever' needs a dense index "
                              "(index.method dense or hybrid)")
         return retriever_embedder
+    if source == "token_list":
+        return TokenListEmbedder(model, tokenizer, model_id, max_tokens)
     return (LLMEmbedder if source == "llm" else TokenMeanEmbedder)(model, tokenizer, model_id)
 
 

@@ -145,7 +145,9 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     pl.seed_everything(config.run.seed, verbose=False)
     translator = ParameterTranslator(shapes, embeddings.dim, bank.rank, bank.meta["alpha"],
                                      t.architecture, t.hidden, t.target_embed_dim,
-                                     bottleneck=t.bottleneck)
+                                     bottleneck=t.bottleneck, queries=t.queries,
+                                     token_dim=embeddings.dim // t.max_tokens
+                                     if t.embedding == "token_list" else 0)
     translator.standardize(embeddings.get([d.doc_id for d in [*train_docs, *extra]]))
     system = TranslatorDistillation(model, translator, lr=tr.lr, weight_decay=tr.weight_decay,
                                     warmup_steps=tr.warmup_steps, total_steps=None,

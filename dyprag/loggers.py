@@ -54,6 +54,8 @@ def log_results(loggers: list[Logger], results: dict) -> None:
     metrics.update({f"eval/{k}": results[k] for k in DEPENDENCE if k in results})
     metrics.update({f"eval/translator_fit_f1/{k}": v
                     for k, v in results.get("translator_fit_f1", {}).items() if v is not None})
+    metrics.update({f"eval/f1_by_fact/{mode}/{fact}": v
+                    for mode, by in results.get("f1_by_fact", {}).items() for fact, v in by.items()})
     samples = results["samples"]
     columns = list(samples[0]) if samples else []
     for logger in loggers:

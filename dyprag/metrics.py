@@ -151,3 +151,24 @@ def score(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]]) -> 
         f1_total += f1
         acc_total += acc
     return {"em": em_total / n, "f1": f1_total / n, "acc": acc_total / n, "n": n}
+
+
+def f1_by_group(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]],
+                groups: Sequence[str]) -> dict[str, float]:
+    """Mean F1 per group (e.g. the fact a question asks: the world's ``meta.attribute``),
+    groups in order of first appearance."""
+    if not len(predictions) == len(answer_lists) == len(groups):
+        raise ValueError(f"{len(predictions)} predictions, {len(answer_lists)} answer lists and "
+                         f"{len(groups)} groups must match")
+    members: dict[str, list[int]] = {}
+    for i, group in enumerate(groups):
+        members.setdefault(group, []).append(i)
+    return {group: score([predictions[i] for i in rows], [answer_lists[i] for i in rows])["f1"]
+            for group, rows in members.items()}
+
+
+def facts(meta: Sequence[dict]) -> list[str] | None:
+    """The fact each question asks (its ``meta["attribute"]``, as the world writes), or None
+    unless every question names one."""
+    found = [m.get("attribute") for m in meta]
+    return found if found and all(isinstance(f, str) for f in found) else None

@@ -45,6 +45,7 @@ from dyprag.files import (
 )
 from dyprag.fit import fit_translator
 from dyprag.loggers import log_results
+from dyprag.metrics import f1_by_group, facts
 from dyprag.inject import inject_lora
 from dyprag.models import load_model, lora_layers
 from dyprag.prompts import prompt_format
@@ -82,14 +83,14 @@ def stage_data(config: Config, out: Path) -> Data:
     return Data(rundir.corpus_path(config, out), train, test, world)
 
 
-def stage_base(config: Config, data: Data, out: Path) -> tuple[str, str]:
+def stage_base(config: Config, data: Data, out: Path, fresh: bool = False) -> tuple[str, str]:
     """``(path or hub id to load, model id recorded in banks and checkpoints)``; the world's
-    model is pretrained first (cached)."""
+    model is pretrained first (cached; ``fresh``: pretrained even so)."""
     if config.model.name == "world":
         from dyprag.world_base import pretrain_base
 
         start = time.perf_counter()
-        base = pretrain_base(data.world, out / rundir.BASE, config.model.pretrain)
+        base = pretrain_base(data.world, out / rundir.BASE, config.model.pretrain, fresh)
         log(f"base model ready ({time.perf_counter() - start:.0f}s; "
             f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
     return rundir.base_model(config, out)
@@ -232,7 +233,7 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
         data = stage_data(config, out)
     log(f"data: {len(data.train)} training and {len(data.test)} test questions")
     with clock("base"):
-        load_path, model_id = stage_base(config, data, out)
+        load_path, model_id = stage_base(config, data, out, fresh="base" in rebuild)
         model, tokenizer = load_model(load_path, dtype=config.model.dtype,
                                       device=config.model.device)
         inject_lora(model, lora_layers(config.model.lora_layers, model))  # also freezes it
@@ -253,7 +254,7 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     with clock("embeddings"):
         test, hits, scores = test_retrieval(config, data, retriever)
         encoder = document_encoder(config.translator.embedding, model, tokenizer, model_id,
-                                   retriever.embedder)
+                                   retriever.embedder, config.translator.max_tokens)
         embeddings = document_embeddings(config, retriever, encoder, data,
                                          doc_ids + [d for h in hits for d in h], out)
         extra = []
@@ -347,9 +348,14 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
             log(f"document dependence: dyprag@1 with an irrelevant document F1 "
                 f"{dependence['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "
                 f"{dependence['delta_cosine']:.3f}")
+    by_fact = {}
+    asked = facts([qa.meta for qa in test])
+    if asked:
+        by_fact = {"f1_by_fact": {m: f1_by_group(predictions[m], golds, asked) for m in ev.modes}}
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev.modes}}
                for i, qa in enumerate(test[:ev.samples])]
     return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in grid.items()},
             "em": {m: s["em"] for m, s in grid.items()},
-            "acc": {m: s["acc"] for m, s in grid.items()}, **dependence, "samples": samples}
+            "acc": {m: s["acc"] for m, s in grid.items()}, **by_fact, **dependence,
+            "samples": samples}

@@ -16,6 +16,7 @@ def table(results: dict) -> str:
               for m, f1 in results["f1"].items()]
     recall = [f"{k} {v:.3f}" for k, v in results.items() if k.startswith("recall@")]
     lines += [", ".join(recall)] if recall else []
+    lines += by_fact(results.get("f1_by_fact", {}))
     fit = results.get("translator_fit_f1", {})
     if fit.get("seen") is not None:
         lines.append(f"translator on its training documents' questions: F1 {fit['seen']:.3f}"
@@ -31,8 +32,20 @@ def table(results: dict) -> str:
                               + (f" ({', '.join(how)})" if how else "")])
 
 
-def markdown(grid: dict, modes: list[str], dependence: dict | None = None) -> str:
-    """The grid (dataset × mode), then the translator's document dependence by dataset."""
+def by_fact(f1_by_fact: dict[str, dict[str, float]]) -> list[str]:
+    """F1 by mode and fact (``{mode: {fact: F1}}``), one row per mode; nothing when empty."""
+    if not f1_by_fact:
+        return []
+    names = list(next(iter(f1_by_fact.values())))
+    lines = ["F1 by fact", f"{'mode':16s} " + " ".join(f"{n[:10]:>10s}" for n in names)]
+    return lines + [f"{mode:16s} " + " ".join(f"{by.get(n, float('nan')):10.3f}" for n in names)
+                    for mode, by in f1_by_fact.items()]
+
+
+def markdown(grid: dict, modes: list[str], dependence: dict | None = None,
+             f1_by_fact: dict | None = None) -> str:
+    """The grid (dataset × mode), the translator's document dependence by dataset, then F1 by
+    fact (``{dataset: {mode: {fact: F1}}}``) where the questions name their facts."""
     lines = ["| dataset | mode | EM | F1 | acc | ms / question |",
              "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {name} | {m} | {s[m]['em']:.3f} | {s[m]['f1']:.3f} | {s[m]['acc']:.3f} | "
@@ -42,6 +55,12 @@ def markdown(grid: dict, modes: list[str], dependence: dict | None = None) -> st
                   "documents |", "| --- | --- | --- |"]
         lines += [f"| {name} | {d['dyprag_irrelevant']:.3f} | {d['delta_cosine']:.3f} |"
                   for name, d in dependence.items()]
+    for name, by_mode in (f1_by_fact or {}).items():
+        names = list(next(iter(by_mode.values())))
+        lines += ["", f"| {name}: mode | " + " | ".join(names) + " |",
+                  "| --- |" + " --- |" * len(names)]
+        lines += [f"| {mode} | " + " | ".join(f"{by[n]:.3f}" for n in names) + " |"
+                  for mode, by in by_mode.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -129,7 +129,8 @@ class TrainedRun:
         if missing and self.config.translator.embedding != "retriever":
             self.fetch_passages(set(missing))
             encoder = document_encoder(self.config.translator.embedding, self.model,
-                                       self.tokenizer, self.model_id)
+                                       self.tokenizer, self.model_id,
+                                       max_tokens=self.config.translator.max_tokens)
             vectors = encoder.encode([self.knowledge.passages[d] for d in missing])
             self.knowledge.embeddings = table.extended(missing, vectors)
 
@@ -146,7 +147,7 @@ class TrainedRun:
 def _embeddings(path: Path, meta: dict, retriever: Retriever) -> EmbeddingTable:
     """The table the translator was trained on: the index's vectors or the stored LLM ones."""
     source = meta.get("embedding")
-    if source in ("llm", "tokens"):
+    if source is not None and source != "retriever":  # stored in the run by the base model
         return rundir.read_embeddings(path, source)
     if retriever.embeddings is None or retriever.embedder is None:
         raise RunError(f"{path}: the translator reads retriever embeddings, but the index has none")

@@ -41,6 +41,7 @@ from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
 
 ARCHITECTURES = choices(TranslatorConfig, "architecture")
+TOKEN_ARCHITECTURES = ("attention", "deepsets")  # read token lists (``embedding: token_list``)
 
 
 def _head(hidden: int, rank: int, in_features: int, out_features: int) -> nn.Linear:
@@ -70,7 +71,7 @@ class ParameterTranslator(nn.Module):
     def __init__(self, shapes: Mapping[Key, tuple[int, int]], embed_dim: int, rank: int,
                  alpha: float, architecture: str = "per_layer", hidden: int = 32,
                  target_embed_dim: int = 32, input_norm: str = "standard",
-                 bottleneck: int = 0):
+                 bottleneck: int = 0, token_dim: int = 0, queries: int = 8):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")
@@ -87,23 +88,49 @@ class ParameterTranslator(nn.Module):
         self.input_norm = input_norm
         if bottleneck < 0:
             raise ValueError(f"bottleneck must be ≥ 0, got {bottleneck}")
-        self.bottleneck = bottleneck if architecture == "linear" else 0
-        if architecture == "linear":
+        reads_tokens = architecture in TOKEN_ARCHITECTURES
+        self.bottleneck = bottleneck if architecture == "linear" or reads_tokens else 0
+        self.token_dim = token_dim if reads_tokens else 0
+        self.queries = queries if architecture == "attention" else 0
+        if reads_tokens and (token_dim < 1 or embed_dim % token_dim
+                             or (architecture == "attention" and queries < 1)):
+            raise ValueError(f"the {architecture} translator reads (N, T·token_dim) token lists "
+                             f"(and ≥ 1 queries); got embed_dim {embed_dim}, token_dim "
+                             f"{token_dim}, queries {queries}")
+        if reads_tokens:
+            self.token_norm = nn.LayerNorm(token_dim, elementwise_affine=False)
+        if architecture == "deepsets":
+            # Each LayerNorm'd token through one MLP, averaged over the passage's tokens: a
+            # nonlinear code per token, so that near-identical embeddings (the world's hundred
+            # years) can land far apart, and B is linear in their mean.
+            self.phi = nn.Sequential(nn.Linear(token_dim, hidden), nn.GELU(),
+                                     nn.Linear(hidden, hidden))
+        if architecture == "attention":
+            # Learned queries pick tokens out of the passage (softmax over its real tokens,
+            # each LayerNorm'd); each query's pick, LayerNorm'd, is one slot of the input
+            # that the B maps read, through the bottleneck when there is one.
+            g = torch.Generator().manual_seed(1)
+            self.query = nn.Parameter(torch.randn(queries, token_dim, generator=g)
+                                      * token_dim ** -0.5)
+            self.key = nn.Linear(token_dim, token_dim, bias=False)
+        if architecture == "linear" or reads_tokens:
             # Per target: B linear in the embedding (zero at init), A one learned matrix. With a
             # bottleneck, every target reads one shared projection of the embedding to that
             # width (still linear in it): Σ out·r·bottleneck weights instead of Σ out·r·D.
             g = torch.Generator().manual_seed(0)
+            pooled = {"attention": queries * token_dim, "deepsets": hidden}.get(architecture,
+                                                                                embed_dim)
             if self.bottleneck:
-                self.project = nn.Linear(embed_dim, self.bottleneck)
-            width = self.bottleneck or embed_dim
+                self.project = nn.Linear(pooled, self.bottleneck)
+            width = self.bottleneck or pooled
             self.b_maps = nn.ModuleDict({f"{layer}_{module}": _zero_linear(
                 width, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
             # Embeddings standardised first (a token-mean embedding's entries are ~0.01: a
             # linear map of them would need huge weights, which Adam grows slowly).
-            if input_norm == "standard":  # statistics set by ``standardize``, saved with it
+            if architecture == "linear" and input_norm == "standard":  # set by ``standardize``
                 self.register_buffer("in_mean", torch.zeros(embed_dim))
                 self.register_buffer("in_std", torch.ones(embed_dim))
-            else:
+            elif architecture == "linear":
                 self.norm = nn.LayerNorm(embed_dim, eps=1e-10, elementwise_affine=False)
             self.a = nn.ParameterDict({f"{layer}_{module}": nn.Parameter(
                 torch.randn(rank, self.shapes[(layer, module)][0], generator=g)
@@ -137,9 +164,12 @@ class ParameterTranslator(nn.Module):
             raise ValueError(f"embeddings must be (N, {self.embed_dim}), got {tuple(emb.shape)}")
         n, r = emb.shape[0], self.rank
         A, B = {}, {}
-        if self.architecture == "linear":
+        if self.architecture in TOKEN_ARCHITECTURES:
+            emb = self.pool(emb)
+        elif self.architecture == "linear":
             emb = ((emb - self.in_mean) / self.in_std if self.input_norm == "standard"
                    else self.norm(emb))
+        if self.architecture == "linear" or self.architecture in TOKEN_ARCHITECTURES:
             if self.bottleneck:
                 emb = self.project(emb)
             for key in self.keys:
@@ -157,6 +187,30 @@ class ParameterTranslator(nn.Module):
             A[key] = flat[:, :r * i].view(n, r, i)
             B[key] = flat[:, r * i:].view(n, o, r)
         return LoRA(A, B, self.alpha)
+
+    def pool(self, emb: Tensor) -> Tensor:
+        """Token lists ``(N, T·token_dim)`` (all-zero rows are padding) → one vector each:
+        ``attention``: each query's softmax-weighted mean of the LayerNorm'd tokens, LayerNorm'd,
+        concatenated ``(N, queries·token_dim)``; ``deepsets``: the mean of ``phi`` over the
+        LayerNorm'd tokens, LayerNorm'd, ``(N, hidden)``."""
+        n, h = emb.shape[0], self.token_dim
+        tokens = emb.view(n, -1, h)
+        real = tokens.abs().sum(-1) > 0  # (N, T)
+        if not bool(real.any(1).all()):
+            raise ValueError("a document's token list is empty (every row zero)")
+        tokens = self.token_norm(tokens)
+        if self.architecture == "deepsets":
+            codes = self.phi(tokens) * real[..., None]  # (N, T, hidden), padding zeroed
+            return nn.functional.layer_norm(codes.sum(1) / real.sum(1, keepdim=True),
+                                            codes.shape[-1:])
+        scores = torch.einsum("qh,nth->nqt", self.query, self.key(tokens))
+        # Slot attention's competition: each token shares itself among the queries (softmax
+        # over them), so every token lands in some slot; a slot is the weighted mean of its
+        # tokens. (A softmax over the tokens instead let several queries pick one fact and
+        # none another: a fact was read perfectly or not at all, which one by chance.)
+        weights = scores.softmax(1) * real[:, None]  # (N, Q, T)
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
+        return self.token_norm(weights @ tokens).flatten(1)
 
     @torch.no_grad()
     def standardize(self, embeddings: Tensor) -> None:
@@ -184,7 +238,8 @@ class ParameterTranslator(nn.Module):
         return {"architecture": self.architecture, "embed_dim": self.embed_dim,
                 "rank": self.rank, "alpha": self.alpha, "hidden": self.hidden,
                 "target_embed_dim": self.target_embed_dim, "input_norm": self.input_norm,
-                "bottleneck": self.bottleneck,
+                "bottleneck": self.bottleneck, "token_dim": self.token_dim,
+                "queries": self.queries,
                 "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in self.shapes.items()}}
 
 

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -173,26 +175,34 @@ class BaseModelPretraining(pl.LightningModule):
                                    self.total)
 
 
+SHIPPED = Path(__file__).parent / "assets" / "world-base"
+"""The default world's base model (configs/world.yaml, the default recipe), in the package:
+``python train.py`` on a new machine copies it instead of pretraining (~200 s on 2 cores)."""
+
+
 def pretrain_base(world_dir: str | Path, out_dir: str | Path,
-                  recipe: PretrainConfig | None = None) -> Path:
+                  recipe: PretrainConfig | None = None, fresh: bool = False) -> Path:
     """Build tokenizer + model for the world in ``world_dir`` (``recipe``: the default job's
-    when None) into ``out_dir``. Cached twice: in ``out_dir``, and for every run and clone on
-    this machine in ``shared_base_dir`` (the same world schema and recipe give the same
-    model), from where a new run copies it instead of pretraining again."""
+    when None) into ``out_dir``. Cached three ways: in ``out_dir``; for every run and clone on
+    this machine in ``shared_base_dir``; and, for the default world and recipe, in the package
+    (``SHIPPED``): a model whose fingerprint (world schema + recipe) matches is copied instead
+    of pretrained. ``fresh``: pretrain even so (``train.py --rebuild base``); the log then says
+    whether the new weights equal the shipped ones byte for byte."""
     world, out = Path(world_dir), Path(out_dir)
     recipe = recipe or PretrainConfig()
     world_key = read_json(world / "meta.json")["fingerprint"]
     config = dataclasses.asdict(recipe)  # what the fingerprint covers, also written to pretrain.json
     key = fingerprint([world_key, config])
     meta_path, shared = out / "pretrain.json", shared_base_dir(key)
-    if is_cached(meta_path, key):
+    if is_cached(meta_path, key) and not fresh:
         return out
-    if is_cached(shared / meta_path.name, key):
-        linked_copy(shared, out)
-        print(f"[dyprag] base model copied from {shared}, pretrained there in "
-              f"{read_json(shared / meta_path.name)['seconds']}s (delete it to pretrain again)",
-              flush=True)
-        return out
+    for source in () if fresh else (shared, SHIPPED):
+        if is_cached(source / meta_path.name, key):
+            linked_copy(source, out)
+            print(f"[dyprag] base model copied from {source}, pretrained there in "
+                  f"{read_json(source / meta_path.name)['seconds']}s (--rebuild base to "
+                  "pretrain it here)", flush=True)
+            return out
 
     pl.seed_everything(recipe.seed, verbose=False)
     examples = pretraining_texts(world, recipe.reading_single, recipe.reading_multi,
@@ -236,11 +246,28 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         atomic_write_json(tmp / meta_path.name, {
             "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
             "steps": steps, "seconds": round(seconds, 1)})
+    if is_cached(SHIPPED / meta_path.name, key):
+        same = sha256(out / WEIGHTS) == sha256(SHIPPED / WEIGHTS)
+        print(f"[dyprag] the pretrained weights {'equal' if same else 'differ from'} the "
+              f"shipped ones ({WEIGHTS} sha256 {sha256(out / WEIGHTS)[:16]})", flush=True)
     try:
+        if shared.exists():
+            shutil.rmtree(shared)  # --rebuild base: the new model replaces the kept one
         linked_copy(out, shared)
     except OSError as err:  # a read-only or full cache costs later runs time, not this one
         print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
     return out
+
+
+WEIGHTS = "model.safetensors"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def shared_base_dir(key: str) -> Path:

@@ -98,8 +98,15 @@ def test_modules_take_their_choices_from_the_config():
     from dyprag.config import IndexConfig, TranslatorConfig, choices
 
     assert translator.ARCHITECTURES == choices(TranslatorConfig, "architecture") == (
-        "per_layer", "shared", "linear")
+        "per_layer", "shared", "linear", "attention", "deepsets")
     assert retrieval.METHODS == choices(IndexConfig, "method")
+
+
+def test_a_token_list_is_read_by_the_token_translators_and_by_them_alone():
+    load_config(None, ["translator.architecture=attention", "translator.embedding=token_list"])
+    for bad in (["translator.architecture=attention"], ["translator.embedding=token_list"]):
+        with pytest.raises(ValueError, match="translator.*'token_list'"):
+            load_config(None, bad)
 
 
 def test_overrides_parse_yaml_values_and_short_floats():

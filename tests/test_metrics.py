@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from dyprag.metrics import accuracy, exact_match, extract_answer, f1_score, normalize_answer, score
+from dyprag.metrics import (
+    accuracy,
+    exact_match,
+    extract_answer,
+    f1_by_group,
+    f1_score,
+    facts,
+    normalize_answer,
+    score,
+)
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -168,3 +177,18 @@ def test_score_edges():
     assert score([], []) == {"em": 0.0, "f1": 0.0, "acc": 0.0, "n": 0}
     with pytest.raises(ValueError, match="2 predictions but 1 answer lists"):
         score(["a", "b"], [["a"]])
+
+
+def test_f1_by_group_averages_within_each_group_in_order_of_appearance():
+    by = f1_by_group(["Paris", "1957", "Rome", "x"], [["Paris"], ["1957"], ["Oslo"], ["1900"]],
+                     ["city", "year", "city", "year"])
+    assert list(by) == ["city", "year"]
+    assert by == {"city": 0.5, "year": 0.5}
+    with pytest.raises(ValueError, match="must match"):
+        f1_by_group(["a"], [["a"]], [])
+
+
+def test_facts_are_the_questions_attributes_only_when_every_question_names_one():
+    assert facts([{"attribute": "city"}, {"attribute": "year", "doc_id": "e1"}]) == ["city", "year"]
+    assert facts([{"attribute": "city"}, {}]) is None
+    assert facts([]) is None

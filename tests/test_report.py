@@ -7,7 +7,7 @@ import csv
 from pytorch_lightning.loggers import CSVLogger
 
 from dyprag.loggers import log_results
-from dyprag.report import markdown, table
+from dyprag.report import by_fact, markdown, table
 
 RESULTS = {"questions": 4, "recall@1": 0.5, "recall@3": 0.75,
            "f1": {"vanilla": 0.125, "dyprag@1": 0.5},
@@ -43,3 +43,17 @@ def test_log_results_writes_acc_beside_em_and_f1(tmp_path):
     for score in ("f1", "em", "acc"):
         for mode, v in RESULTS[score].items():
             assert float(row[f"eval/{score}/{mode}"]) == v, (score, mode)
+
+
+def test_f1_by_fact_is_a_row_per_mode_in_the_table_and_the_markdown():
+    by = {"vanilla": {"city": 0.25, "year": 0.0}, "dyprag@1": {"city": 1.0, "year": 0.5}}
+    lines = by_fact(by)
+    assert lines[1].split() == ["mode", "city", "year"]
+    assert lines[3].split() == ["dyprag@1", "1.000", "0.500"]
+    assert by_fact({}) == []
+    assert "F1 by fact" in table({**RESULTS, "f1_by_fact": by})
+    grid = {"qa_test": {m: {"em": 0, "f1": 0, "acc": 0, "n": 4, "ms_per_question": 1.0}
+                        for m in by}}
+    md = markdown(grid, list(by), None, {"qa_test": by}).splitlines()
+    assert "| qa_test: mode | city | year |" in md
+    assert "| dyprag@1 | 1.000 | 0.500 |" in md

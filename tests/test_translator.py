@@ -11,7 +11,7 @@ from dyprag.translator import ParameterTranslator, load_translator, save_transla
 from conftest import tiny_model, tokens
 
 
-@pytest.fixture(params=["per_layer", "shared", "linear"])
+@pytest.fixture(params=["per_layer", "shared", "linear", "attention", "deepsets"])
 def architecture(request) -> str:
     return request.param
 
@@ -20,6 +20,8 @@ def make(architecture: str, arch: str = "llama", **kwargs) -> tuple:
     model = tiny_model(arch)
     shapes = inject_lora(model).shapes
     torch.manual_seed(0)
+    if architecture in ("attention", "deepsets"):  # 16 = 4 tokens of 4 dims
+        kwargs = {"token_dim": 4, "queries": 2, **kwargs}
     return model, ParameterTranslator(shapes, embed_dim=16, rank=2, alpha=32.0,
                                       architecture=architecture, **kwargs)
 
@@ -159,3 +161,33 @@ def test_a_bottleneck_keeps_the_linear_translator_linear_and_smaller(tmp_path):
     loaded, _ = load_translator(tmp_path / "t")
     assert loaded.bottleneck == 3
     assert_close(loaded(x).B[key], b(x))
+
+
+def _trained(architecture: str) -> ParameterTranslator:
+    _, translator = make(architecture)
+    with torch.no_grad():
+        for p in translator.parameters():
+            p.add_(torch.randn_like(p) * 0.3)  # past the zero init, so B depends on the input
+    return translator
+
+
+@pytest.mark.parametrize("reader", ["attention", "deepsets"])
+def test_a_token_list_translator_ignores_padding_and_token_order(reader):
+    translator = _trained(reader)
+    tokens_ = torch.randn(2, 3, 4)
+    padded = torch.cat([tokens_, torch.zeros(2, 1, 4)], 1).flatten(1)  # 3 tokens, 1 padding
+    shuffled = torch.cat([tokens_[:, [2, 0, 1]], torch.zeros(2, 1, 4)], 1).flatten(1)
+    first, second = translator(padded), translator(shuffled)
+    for key in first.keys:
+        assert_close(first.delta(key), second.delta(key))
+    other = torch.cat([tokens_, torch.randn(2, 1, 4)], 1).flatten(1)  # a 4th real token
+    assert not torch.allclose(translator(other).B[first.keys[0]], first.B[first.keys[0]])
+
+
+@pytest.mark.parametrize("reader", ["attention", "deepsets"])
+def test_a_token_list_translator_refuses_an_empty_token_list_and_bad_widths(reader):
+    translator = _trained(reader)
+    with pytest.raises(ValueError, match="empty"):
+        translator(torch.zeros(1, 16))
+    with pytest.raises(ValueError, match="token_dim"):
+        make(reader, token_dim=5)

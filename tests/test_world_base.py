@@ -132,3 +132,31 @@ def test_the_length_window_is_part_of_the_recipe(world, tmp_path):
     meta = {p: json.loads((p / "pretrain.json").read_text()) for p in (off, on)}
     assert meta[off]["fingerprint"] != meta[on]["fingerprint"]
     assert meta[off]["config"]["length_window"] == 0 and meta[on]["config"]["length_window"] == 2
+
+
+@pytest.fixture(scope="module")
+def default_world(tmp_path_factory):
+    return generate_world(load_schema(CONFIG), tmp_path_factory.mktemp("default-world"))
+
+
+def test_the_default_world_base_model_ships_in_the_package(default_world, tmp_path, monkeypatch):
+    from dyprag.world_base import SHIPPED, sha256
+
+    monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path / "empty-cache"))  # a machine's first run
+    monkeypatch.setattr("pytorch_lightning.Trainer.fit",
+                        lambda *a, **kw: pytest.fail("pretrained again"))
+    out = pretrain_base(default_world, tmp_path / "base")  # the default recipe
+    assert sha256(out / "model.safetensors") == sha256(SHIPPED / "model.safetensors")
+    assert (out / "pretrain.json").read_text() == (SHIPPED / "pretrain.json").read_text()
+    load_model(out)  # a complete model directory
+
+
+def test_another_recipe_or_a_rebuild_pretrains_rather_than_copy_the_shipped_model(
+        default_world, tmp_path, monkeypatch):
+    monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr("dyprag.world_base.pretraining_texts",  # the first step of pretraining
+                        lambda *a, **kw: pytest.fail("pretrained again"))
+    with pytest.raises(pytest.fail.Exception, match="pretrained again"):
+        pretrain_base(default_world, tmp_path / "rebuilt", fresh=True)  # --rebuild base
+    with pytest.raises(pytest.fail.Exception, match="pretrained again"):
+        pretrain_base(default_world, tmp_path / "other", PretrainConfig(seed=1))
