@@ -156,7 +156,8 @@ def document_embeddings(config: Config, retriever: Retriever, encoder, data: Dat
                         doc_ids: list[str], out: Path) -> EmbeddingTable:
     """The translator's input for ``doc_ids`` (training documents and every test question's
     retrieved ones): the index's vectors (``translator.embedding: retriever``), or the base
-    model's (``llm``: DyPRAG's last-token state; ``tokens``: the mean input-token embedding),
+    model's (``llm``: DyPRAG's last-token state; ``tokens``: the mean input-token embedding;
+    ``token_list``: those embeddings one by one),
     stored in the run (``rundir.embedding_files``) so that answering needs no extra forward."""
     source = config.translator.embedding
     if source == "retriever":

@@ -12,7 +12,7 @@ Architectures (docs/design.md §3):
 
 The B half of every output head starts at zero, so the first generated deltas ``s·BA`` are
 exactly zero (the model starts as the base model), while A starts random so gradients reach
-B. A third, ``linear`` (the synthetic world's default; its size is Σ out·r·D, so for small
+B. A third, ``linear`` (the world's default until issue 24; its size is Σ out·r·D, so for small
 models), standardises the embedding, makes B linear in it (zero at init) and A one learned
 matrix per target shared by all documents: a document's delta is then linear in the mean of
 its words, which generalises to unseen documents. The standardisation is per dimension, with
@@ -23,6 +23,15 @@ LayerNorm, and better: bench/RESULTS.md). Translators saved before it keep their
 (``input_norm``). The generated
 LoRA carries the bank's alpha and rank, hence the same scaling as the teacher (DyPRAG's
 reference code drops the scaling from generated deltas; we do not).
+
+``attention`` (the world's default) reads the passage token by token (``token_list``: the
+base model's input embeddings of its first tokens) rather than their mean, in which a birth
+year is one word among forty and a hundred years look alike. Learned queries sort the tokens
+into slots as slot attention does (each token shares itself among the queries by a softmax
+over them; a slot is the weighted mean of its tokens), and B is linear in the LayerNorm'd
+slots, A shared as in ``linear``. A softmax over the tokens instead (each query picking
+tokens) read some facts perfectly and others not at all, by chance of which the queries
+found: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from dyprag.lora_io import atomic_save_tensors
 from dyprag.models import MODULES
 
 ARCHITECTURES = choices(TranslatorConfig, "architecture")
-TOKEN_ARCHITECTURES = ("attention", "deepsets")  # read token lists (``embedding: token_list``)
+TOKEN_ARCHITECTURES = ("attention",)  # read token lists (``embedding: token_list``)
 
 
 def _head(hidden: int, rank: int, in_features: int, out_features: int) -> nn.Linear:
@@ -91,24 +100,16 @@ class ParameterTranslator(nn.Module):
         reads_tokens = architecture in TOKEN_ARCHITECTURES
         self.bottleneck = bottleneck if architecture == "linear" or reads_tokens else 0
         self.token_dim = token_dim if reads_tokens else 0
-        self.queries = queries if architecture == "attention" else 0
-        if reads_tokens and (token_dim < 1 or embed_dim % token_dim
-                             or (architecture == "attention" and queries < 1)):
+        self.queries = queries if reads_tokens else 0
+        if reads_tokens and (token_dim < 1 or embed_dim % token_dim or queries < 1):
             raise ValueError(f"the {architecture} translator reads (N, T·token_dim) token lists "
-                             f"(and ≥ 1 queries); got embed_dim {embed_dim}, token_dim "
+                             f"with ≥ 1 queries; got embed_dim {embed_dim}, token_dim "
                              f"{token_dim}, queries {queries}")
         if reads_tokens:
             self.token_norm = nn.LayerNorm(token_dim, elementwise_affine=False)
-        if architecture == "deepsets":
-            # Each LayerNorm'd token through one MLP, averaged over the passage's tokens: a
-            # nonlinear code per token, so that near-identical embeddings (the world's hundred
-            # years) can land far apart, and B is linear in their mean.
-            self.phi = nn.Sequential(nn.Linear(token_dim, hidden), nn.GELU(),
-                                     nn.Linear(hidden, hidden))
         if architecture == "attention":
-            # Learned queries pick tokens out of the passage (softmax over its real tokens,
-            # each LayerNorm'd); each query's pick, LayerNorm'd, is one slot of the input
-            # that the B maps read, through the bottleneck when there is one.
+            # Learned queries sort the passage's tokens into slots (``pool``); B is linear in
+            # the slots, through the bottleneck when there is one.
             g = torch.Generator().manual_seed(1)
             self.query = nn.Parameter(torch.randn(queries, token_dim, generator=g)
                                       * token_dim ** -0.5)
@@ -118,8 +119,7 @@ class ParameterTranslator(nn.Module):
             # bottleneck, every target reads one shared projection of the embedding to that
             # width (still linear in it): Σ out·r·bottleneck weights instead of Σ out·r·D.
             g = torch.Generator().manual_seed(0)
-            pooled = {"attention": queries * token_dim, "deepsets": hidden}.get(architecture,
-                                                                                embed_dim)
+            pooled = queries * token_dim if reads_tokens else embed_dim
             if self.bottleneck:
                 self.project = nn.Linear(pooled, self.bottleneck)
             width = self.bottleneck or pooled
@@ -189,20 +189,15 @@ class ParameterTranslator(nn.Module):
         return LoRA(A, B, self.alpha)
 
     def pool(self, emb: Tensor) -> Tensor:
-        """Token lists ``(N, T·token_dim)`` (all-zero rows are padding) → one vector each:
-        ``attention``: each query's softmax-weighted mean of the LayerNorm'd tokens, LayerNorm'd,
-        concatenated ``(N, queries·token_dim)``; ``deepsets``: the mean of ``phi`` over the
-        LayerNorm'd tokens, LayerNorm'd, ``(N, hidden)``."""
+        """``attention``: token lists ``(N, T·token_dim)`` (all-zero rows are padding) → one
+        slot per query, each the weighted mean of the LayerNorm'd tokens assigned to it,
+        LayerNorm'd, concatenated ``(N, queries·token_dim)``."""
         n, h = emb.shape[0], self.token_dim
         tokens = emb.view(n, -1, h)
         real = tokens.abs().sum(-1) > 0  # (N, T)
         if not bool(real.any(1).all()):
             raise ValueError("a document's token list is empty (every row zero)")
         tokens = self.token_norm(tokens)
-        if self.architecture == "deepsets":
-            codes = self.phi(tokens) * real[..., None]  # (N, T, hidden), padding zeroed
-            return nn.functional.layer_norm(codes.sum(1) / real.sum(1, keepdim=True),
-                                            codes.shape[-1:])
         scores = torch.einsum("qh,nth->nqt", self.query, self.key(tokens))
         # Slot attention's competition: each token shares itself among the queries (softmax
         # over them), so every token lands in some slot; a slot is the weighted mean of its

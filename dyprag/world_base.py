@@ -199,9 +199,9 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
     for source in () if fresh else (shared, SHIPPED):
         if is_cached(source / meta_path.name, key):
             linked_copy(source, out)
-            print(f"[dyprag] base model copied from {source}, pretrained there in "
-                  f"{read_json(source / meta_path.name)['seconds']}s (--rebuild base to "
-                  "pretrain it here)", flush=True)
+            print(f"[dyprag] base model copied from {source} (its pretraining took "
+                  f"{read_json(source / meta_path.name)['seconds']}s; --rebuild base to "
+                  "pretrain it again)", flush=True)
             return out
 
     pl.seed_everything(recipe.seed, verbose=False)

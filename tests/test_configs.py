@@ -98,13 +98,14 @@ def test_modules_take_their_choices_from_the_config():
     from dyprag.config import IndexConfig, TranslatorConfig, choices
 
     assert translator.ARCHITECTURES == choices(TranslatorConfig, "architecture") == (
-        "per_layer", "shared", "linear", "attention", "deepsets")
+        "per_layer", "shared", "linear", "attention")
     assert retrieval.METHODS == choices(IndexConfig, "method")
 
 
 def test_a_token_list_is_read_by_the_token_translators_and_by_them_alone():
-    load_config(None, ["translator.architecture=attention", "translator.embedding=token_list"])
-    for bad in (["translator.architecture=attention"], ["translator.embedding=token_list"]):
+    load_config(None, ["translator.architecture=linear", "translator.embedding=tokens"])
+    for bad in (["translator.architecture=linear"], ["translator.embedding=tokens"],
+                ["translator.architecture=attention", "translator.embedding=llm"]):
         with pytest.raises(ValueError, match="translator.*'token_list'"):
             load_config(None, bad)
 

@@ -85,6 +85,17 @@ def test_eval_json_describes_the_run(run):
     assert load_config(out / "config.yaml") == load_config(config)  # the resolved config
 
 
+def test_eval_json_has_f1_by_mode_and_fact(run):
+    _, out = run
+    results = read_json(out / "eval.json")
+    schema = read_json(out / "world" / "schema.json")
+    assert list(results["f1_by_fact"]) == MODES
+    for mode, by in results["f1_by_fact"].items():
+        assert sorted(by) == sorted(schema["attributes"])
+        # every fact is asked equally often about every test entity: the mean is the F1
+        assert sum(by.values()) / len(by) == pytest.approx(results["f1"][mode], abs=1e-9)
+
+
 def test_csv_log_holds_every_term_and_the_eval(run):
     _, out = run
     first = out / "logs" / "version_0"  # the first attempt's: its fit and its eval

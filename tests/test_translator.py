@@ -11,7 +11,7 @@ from dyprag.translator import ParameterTranslator, load_translator, save_transla
 from conftest import tiny_model, tokens
 
 
-@pytest.fixture(params=["per_layer", "shared", "linear", "attention", "deepsets"])
+@pytest.fixture(params=["per_layer", "shared", "linear", "attention"])
 def architecture(request) -> str:
     return request.param
 
@@ -20,7 +20,7 @@ def make(architecture: str, arch: str = "llama", **kwargs) -> tuple:
     model = tiny_model(arch)
     shapes = inject_lora(model).shapes
     torch.manual_seed(0)
-    if architecture in ("attention", "deepsets"):  # 16 = 4 tokens of 4 dims
+    if architecture == "attention":  # 16 = 4 tokens of 4 dims
         kwargs = {"token_dim": 4, "queries": 2, **kwargs}
     return model, ParameterTranslator(shapes, embed_dim=16, rank=2, alpha=32.0,
                                       architecture=architecture, **kwargs)
@@ -171,9 +171,8 @@ def _trained(architecture: str) -> ParameterTranslator:
     return translator
 
 
-@pytest.mark.parametrize("reader", ["attention", "deepsets"])
-def test_a_token_list_translator_ignores_padding_and_token_order(reader):
-    translator = _trained(reader)
+def test_the_attention_translator_ignores_padding_and_token_order():
+    translator = _trained("attention")
     tokens_ = torch.randn(2, 3, 4)
     padded = torch.cat([tokens_, torch.zeros(2, 1, 4)], 1).flatten(1)  # 3 tokens, 1 padding
     shuffled = torch.cat([tokens_[:, [2, 0, 1]], torch.zeros(2, 1, 4)], 1).flatten(1)
@@ -184,10 +183,10 @@ def test_a_token_list_translator_ignores_padding_and_token_order(reader):
     assert not torch.allclose(translator(other).B[first.keys[0]], first.B[first.keys[0]])
 
 
-@pytest.mark.parametrize("reader", ["attention", "deepsets"])
-def test_a_token_list_translator_refuses_an_empty_token_list_and_bad_widths(reader):
-    translator = _trained(reader)
+def test_the_attention_translator_refuses_an_empty_token_list_and_bad_widths():
+    translator = _trained("attention")
     with pytest.raises(ValueError, match="empty"):
         translator(torch.zeros(1, 16))
     with pytest.raises(ValueError, match="token_dim"):
-        make(reader, token_dim=5)
+        make("attention", token_dim=5)
+
