@@ -254,16 +254,16 @@ class BankConfig(Section):
 class TranslatorConfig(Section):
     # The world's translator, "attention": learned queries sort the passage's input-token
     # embeddings ("token_list") into slots, and every target's B is linear in the slots (A is
-    # one learned matrix per target). Measured on the default job (bench/RESULTS.md): dyprag@1
-    # 0.853 against 0.627 for "linear" on the mean token embedding, birth years 0.54 against
+    # one learned matrix per target). Measured on the default job (bench/RESULTS.md, issue 24):
+    # dyprag@1 against 0.627 for "linear" on the mean token embedding, whose birth years were
     # 0.04. DyPRAG's per-layer MLPs on the retriever's embedding: configs/base/paper.yaml.
     architecture: Literal["per_layer", "shared", "linear", "attention"] = "attention"
     hidden: int = 32
     target_embed_dim: int = 32
     # ``linear`` and ``attention``: every target's B reads one shared projection of its input to
     # this width (0: the input itself). Sizes the translator: SmolLM2's 10 top layers at rank 8
-    # hold 168M weights without one, 19M with 64; the world's attention translator 29M without,
-    # 3.8M with 128 (and without, it learned less in an epoch: dyprag@1 0.224).
+    # hold 168M weights without one, 19M with 64; the world's attention translator 29M without
+    # (which learned less in an epoch: dyprag@1 0.224), 3.9M with 128.
     bottleneck: int = 128
     # The document embedding it reads: the retriever's, the base model's last-token state of
     # the passage ("llm", DyPRAG's), its mean input-token embedding ("tokens"), or its first
@@ -286,8 +286,10 @@ class TranslatorConfig(Section):
 class TrainConfig(Section):
     """The translator's fit (dyprag/fit.py, dyprag/distill.py)."""
 
-    # One epoch at 5e-3 over the world's 2,680 documents: dyprag@1 F1 0.547 in 106 s (2
-    # epochs at 1e-2 over 6,180 with a LayerNorm'd input: 0.531 in 1,033 s; bench/RESULTS.md).
+    # One epoch at 5e-3 over the world's 2,680 documents: the attention translator reads every
+    # fact but the birth year as well as PRAG within it; whether it learns the year (a hundred
+    # look-alike tokens) differs from fit to fit, and a second epoch did not settle it
+    # (bench/RESULTS.md, issue 24).
     epochs: int = 1
     batch_size: int = 32
     lr: float = 5e-3

@@ -28,10 +28,12 @@ reference code drops the scaling from generated deltas; we do not).
 base model's input embeddings of its first tokens) rather than their mean, in which a birth
 year is one word among forty and a hundred years look alike. Learned queries sort the tokens
 into slots as slot attention does (each token shares itself among the queries by a softmax
-over them; a slot is the weighted mean of its tokens), and B is linear in the LayerNorm'd
-slots, A shared as in ``linear``. A softmax over the tokens instead (each query picking
-tokens) read some facts perfectly and others not at all, by chance of which the queries
-found: bench/RESULTS.md.
+over them; a slot is the weighted mean of its tokens), the slots are normalised per feature
+across documents (batch normalisation: what every bio's slot shares is subtracted), and B is
+linear in them, A shared as in ``linear``. A softmax over the tokens instead (each query
+picking tokens) read some facts perfectly and others not at all, by chance of which the
+queries found; with LayerNorm'd slots the birth year was learned in some fits and not at all
+in others: bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -114,6 +116,11 @@ class ParameterTranslator(nn.Module):
             self.query = nn.Parameter(torch.randn(queries, token_dim, generator=g)
                                       * token_dim ** -0.5)
             self.key = nn.Linear(token_dim, token_dim, bias=False)
+            # Slots normalised per feature across documents (batch statistics in training,
+            # their running averages after), as ``linear`` standardises its input: what every
+            # bio's slot shares (template words) is subtracted, what tells bios apart is scaled
+            # up to the whole input.
+            self.slot_norm = nn.BatchNorm1d(queries * token_dim, affine=False)
         if architecture == "linear" or reads_tokens:
             # Per target: B linear in the embedding (zero at init), A one learned matrix. With a
             # bottleneck, every target reads one shared projection of the embedding to that
@@ -191,7 +198,8 @@ class ParameterTranslator(nn.Module):
     def pool(self, emb: Tensor) -> Tensor:
         """``attention``: token lists ``(N, T·token_dim)`` (all-zero rows are padding) → one
         slot per query, each the weighted mean of the LayerNorm'd tokens assigned to it,
-        LayerNorm'd, concatenated ``(N, queries·token_dim)``."""
+        concatenated and batch-normalised, ``(N, queries·token_dim)``. A batch of one row
+        in training is normalised with the running statistics."""
         n, h = emb.shape[0], self.token_dim
         tokens = emb.view(n, -1, h)
         real = tokens.abs().sum(-1) > 0  # (N, T)
@@ -205,7 +213,11 @@ class ParameterTranslator(nn.Module):
         # none another: a fact was read perfectly or not at all, which one by chance.)
         weights = scores.softmax(1) * real[:, None]  # (N, Q, T)
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-6)
-        return self.token_norm(weights @ tokens).flatten(1)
+        slots = (weights @ tokens).flatten(1)  # (N, Q·H)
+        norm = self.slot_norm
+        return nn.functional.batch_norm(slots, norm.running_mean, norm.running_var,
+                                        training=self.training and n > 1,
+                                        momentum=norm.momentum, eps=norm.eps)
 
     @torch.no_grad()
     def standardize(self, embeddings: Tensor) -> None:
@@ -273,4 +285,4 @@ def load_translator(path: str | Path, base_model: str | None = None,
                          f"{shapes.get(diff)}")
     translator = ParameterTranslator(saved, **config)
     translator.load_state_dict(read_safetensors(src / "translator.safetensors", str(device)))
-    return translator.to(device), meta
+    return translator.to(device).eval(), meta  # for answering: running statistics, no dropout

@@ -91,6 +91,7 @@ def test_checkpoint_round_trip_and_refusals(architecture, tmp_path):
     out = save_translator(translator, tmp_path / "ckpt", {"base_model": "tiny-a"})
     shapes = inject_lora(model).shapes
     loaded, meta = load_translator(out, base_model="tiny-a", shapes=shapes)
+    translator.eval()  # as loaded: batch-normalised slots use their running statistics
     emb = torch.randn(2, 16)
     for key in shapes:
         assert_close(loaded(emb).delta(key), translator(emb).delta(key))
@@ -190,3 +191,19 @@ def test_the_attention_translator_refuses_an_empty_token_list_and_bad_widths():
     with pytest.raises(ValueError, match="token_dim"):
         make("attention", token_dim=5)
 
+
+
+def test_a_loaded_translator_answers_each_document_alone_whatever_its_batch(tmp_path):
+    model = make("attention")[0]
+    translator = _trained("attention")  # past the zero init: B depends on the slots
+    translator.train()
+    for _ in range(3):  # running statistics of the batch-normalised slots
+        translator(torch.randn(8, 16))
+    out = save_translator(translator, tmp_path / "ckpt", {"base_model": "tiny-a"})
+    loaded, _ = load_translator(out, shapes=inject_lora(model).shapes)
+    assert not loaded.training
+    docs = torch.randn(4, 16)
+    with torch.no_grad():
+        together, alone = loaded(docs), loaded(docs[:1])
+    key = together.keys[0]
+    assert_close(together.B[key][:1], alone.B[key])
