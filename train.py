@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         sys.exit("error: start multi-device runs with `python train.py train.devices=N "
                  "train.strategy=ddp`, not torchrun: Lightning starts the other processes once "

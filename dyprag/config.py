@@ -64,11 +64,22 @@ def _at_least(section: Section, minimum: float, *names: str) -> list[str]:
             if getattr(section, n) < minimum]
 
 
+RUN_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
+"""``run.name``: one path component of letters, digits and ``._-``, not starting with a dot
+(staging copies of runs are ``.<name>.attempt``)."""
+
+
 @dataclass(frozen=True)
 class RunConfig(Section):
     name: str = "world"
     root: str = "checkpoints"  # the run is written to <root>/<name>/
     seed: int = 0
+
+    def problems(self) -> list[str]:
+        if RUN_NAME.match(self.name) is None:
+            return [f"name: must be letters, digits and ._- (not starting with '.'), one "
+                    f"folder name inside run.root; got {self.name[:80]!r}"]
+        return []
 
 
 @dataclass(frozen=True)
@@ -501,9 +512,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> list[dict]:
         data = _yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"config {path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ValueError(f"config {path} is nested too deeply to read") from None
     if not isinstance(data, dict):
         raise ValueError(f"config {path} must be a mapping of sections, got {type(data).__name__}")
     base = data.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        raise ValueError(f"config {path}: 'base:' must be a file name (a string), got "
+                         f"{type(base).__name__}")
     chain = _read_yaml(path.parent / base, (*seen, path.resolve())) if base else []
     return [*chain, data]
 
@@ -517,6 +533,8 @@ def parse_override(text: str) -> dict:
         value = _yaml(raw) if raw else None
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from None
+    except RecursionError:
+        raise ValueError(f"override {text[:80]!r}: the value is nested too deeply") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value

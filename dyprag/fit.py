@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import random
 import shutil
 from collections.abc import Sequence
@@ -178,7 +179,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     if trainer.is_global_zero:
         atomic_write_json(ckpt_dir / "fingerprint.json", {"fingerprint": key})
     try:
-        trainer.fit(system, datamodule=datamodule, ckpt_path=resume)
+        trainer.fit(system, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except BaseException:
         for logger in loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
@@ -206,9 +207,13 @@ def _resume_point(ckpt_dir: Path, key: str) -> str | None:
         same = last.is_file() and is_cached(marker, key)
         if same:
             # A truncated file fails here; mapped, so its tensors are not read twice (the fit
-            # loads it again).
-            torch.load(last, map_location="cpu", weights_only=False, mmap=True)
+            # loads it again). Tensors and plain data only: a checkpoint is data, never code.
+            torch.load(last, map_location="cpu", weights_only=True, mmap=True)
     except Unreadable:
+        same = False
+    except pickle.UnpicklingError as err:  # what weights_only refuses: objects, code
+        print(f"[dyprag] {last} holds more than tensors and plain data, refused unread "
+              f"({str(err).splitlines()[0][:200]}); the fit starts over", flush=True)
         same = False
     except Exception as err:  # torch.load's errors on a damaged file vary by damage
         print(f"[dyprag] {last} is unreadable ({type(err).__name__}: "

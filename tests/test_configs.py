@@ -181,3 +181,28 @@ def test_the_config_imports_without_torch():
     """Reading and validating a config (train.py --help, --print-config) imports no torch."""
     code = "import sys, dyprag.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", ".world.old", "run name"])
+def test_a_run_name_is_one_folder_inside_the_root(name):
+    with pytest.raises(ValueError, match="run.name: must be letters, digits and ._-"):
+        load_config(None, [f"run.name={name!r}" if name else "run.name=''"])
+
+
+def test_run_names_of_every_shipped_config_are_valid():
+    for path in CONFIGS.glob("*.yaml"):
+        if path.name.startswith("world"):
+            continue  # world schemas, not run configs
+        load_config(path)
+    load_config(None, ["run.name=llama3.2-1b_popqa-2"])
+
+
+def test_a_non_string_base_and_a_deeply_nested_file_are_one_line_each(tmp_path):
+    (tmp_path / "base.yaml").write_text("base: 3\n")
+    with pytest.raises(ValueError, match="'base:' must be a file name"):
+        load_config(tmp_path / "base.yaml")
+    (tmp_path / "deep.yaml").write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_config(tmp_path / "deep.yaml")
+    with pytest.raises(ValueError, match="nested too deeply"):
+        load_config(None, ["train.lr=" + "[" * 5000 + "]" * 5000])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,9 @@ def test_a_torchrun_launch_is_refused(monkeypatch):
         train.main([])
 
 
-def test_bad_overrides_exit_with_one_line_naming_the_fields():
-    with pytest.raises(SystemExit, match="train.bogus: unknown key.*train.lr: must be float"):
+def test_bad_overrides_exit_2_with_one_line_naming_the_fields(capsys):
+    with pytest.raises(SystemExit) as exit_:
         train.main(["train.lr=fast", "train.bogus=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1
+    assert re.search("train.bogus: unknown key.*train.lr: must be float", err[0]), err
