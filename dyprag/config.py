@@ -418,32 +418,38 @@ def choices(section: type, name: str) -> tuple:
     return get_args(hint)
 
 
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a YAML alias bomb expands to megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 def _type_problem(value: Any, hint: Any) -> str | None:
     """What is wrong with ``value`` for a field annotated ``hint`` (None: nothing). An int is
     a float; a bool is no int; a float must be finite."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
-        return None if value in args else f"must be one of {args}, got {value!r}"
+        return None if value in args else f"must be one of {args}, got {_shown(value)}"
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         problem = _type_problem(value, inner)
         if problem and get_origin(inner) is Literal:
-            return f"must be one of {(None, *get_args(inner))}, got {value!r}"
+            return f"must be one of {(None, *get_args(inner))}, got {_shown(value)}"
         return problem
     if origin is list:
         if not isinstance(value, list):
-            return f"must be a list, got {value!r}"
+            return f"must be a list, got {_shown(value)}"
         return next(filter(None, (_type_problem(v, args[0]) for v in value)), None)
     if isinstance(value, bool) and hint is not bool:
-        return f"must be {hint.__name__}, got {value!r}"
+        return f"must be {hint.__name__}, got {_shown(value)}"
     if hint is float and isinstance(value, int):
         return None
     if not isinstance(value, hint):
-        return f"must be {hint.__name__}, got {value!r}"
+        return f"must be {hint.__name__}, got {_shown(value)}"
     if isinstance(value, float) and not math.isfinite(value):
-        return f"must be a finite number, got {value!r}"
+        return f"must be a finite number, got {_shown(value)}"
     return None
 
 
@@ -457,7 +463,7 @@ def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
             if isinstance(value, dict):
                 out[key] = _merge(base[key], value, path, problems)
             else:
-                problems.append(f"{path}: must be a mapping, got {value!r}")
+                problems.append(f"{path}: must be a mapping, got {_shown(value)}")
         else:
             out[key] = value
     return out

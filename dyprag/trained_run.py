@@ -85,6 +85,10 @@ class TrainedRun:
         """Top-k ``(id, score)`` per question; their passages are then in
         ``knowledge.passages``."""
         hits = self.retriever.retrieve(list(questions), k)
+        found = min((len(h) for h in hits), default=k)
+        if found < k:
+            raise ValueError(f"k={k} passages per question, but the index returns only {found}; "
+                             f"ask for at most {found} (--k {found})")
         self.fetch_passages({d for h in hits for d, _ in h})
         return hits
 

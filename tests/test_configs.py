@@ -206,3 +206,13 @@ def test_a_non_string_base_and_a_deeply_nested_file_are_one_line_each(tmp_path):
         load_config(tmp_path / "deep.yaml")
     with pytest.raises(ValueError, match="nested too deeply"):
         load_config(None, ["train.lr=" + "[" * 5000 + "]" * 5000])
+
+
+def test_a_bad_value_is_echoed_in_a_few_hundred_characters_at_most(tmp_path):
+    levels = ["&a [x, x, x, x, x, x, x, x, x]"] + [
+        f"&{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcd", "bcde")]
+    bomb = f"train: {{lr: [{', '.join(levels)}]}}\n"  # ~230 bytes, 9⁵ x's once expanded
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    with pytest.raises(ValueError, match="train.lr: must be float") as err:
+        load_config(tmp_path / "bomb.yaml")
+    assert len(str(err.value)) < 400 and "characters)" in str(err.value)

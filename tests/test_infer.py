@@ -100,6 +100,7 @@ def test_bad_input_is_one_line_and_exit_code_2(tiny_run, tmp_path, capsys):
              ["--run", str(out)],
              ["--run", str(tmp_path / "nowhere"), "--question", "q"],
              ["--run", str(out), "--question", "q", "--k", "0"],
+             ["--run", str(out), "--question", "q", "--k", "100000"],  # beyond the corpus
              ["--run", str(out), "--question", "q", "--max-new-tokens", "0"],
              ["--run", str(out), "--questions-file", str(tmp_path / "none.txt")]]
     for argv in cases:
