@@ -72,12 +72,13 @@ def _run(args) -> int:
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import f1_by_group, facts, score
     from dyprag.report import markdown, plot
+    from dyprag import rundir
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
 
     run = TrainedRun.open(args.run or latest_run())
     args.modes = args.modes or run.config.eval.modes
-    out = args.out or run.path / "eval"
+    out = args.out or run.path / rundir.REPORTS
     k = max(parse_mode(m)[1] for m in args.modes) or 1
     dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in args.modes)
     grid, dependence, by_fact, predictions = {}, {}, {}, []

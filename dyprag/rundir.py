@@ -45,7 +45,10 @@ AUGMENTED, AUGMENTED_EVAL = "augmented.jsonl", "augmented-eval.jsonl"  # + ".jso
 BANK, BANK_EVAL = "bank", "bank-eval"  # training documents' LoRAs; the test documents'
 TRANSLATOR, CHECKPOINTS = "translator", "lightning"
 CONFIG, FINISHED, PLOT = "config.yaml", "eval.json", "f1.png"
-DESCRIBES_THE_RUN = (CONFIG, FINISHED, PLOT)  # written last, when a run finishes
+REPORTS = "eval"  # evaluate.py's reports on the run (report.md, predictions.jsonl, ...)
+# Written last when a run finishes, or about the finished run: a rerun's staging copy leaves
+# them out, so a rerun never publishes another translator's reports.
+DESCRIBES_THE_RUN = (CONFIG, FINISHED, PLOT, REPORTS)
 STAGE_PATHS: dict[str, tuple[str, ...]] = {
     "data": (WORLD,),
     "base": (BASE,),

@@ -92,6 +92,14 @@ def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(copy):
     assert sorted(p.name for p in run.parent.iterdir()) == [run.name]
 
 
+def test_a_rerun_drops_the_reports_evaluate_wrote_on_the_run_it_replaces(copy):
+    args, run = copy
+    (run / "eval").mkdir()
+    (run / "eval" / "report.md").write_text("| old translator | 0.9 |\n")
+    train.main([*args, "train.lr=2e-3"])
+    assert (run / "eval.json").is_file() and not (run / "eval").exists()
+
+
 def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
     final = tmp_path / "run"
     final.mkdir()
