@@ -18,6 +18,7 @@ injection included. Errors print one line on stderr and exit with code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import sys
@@ -68,10 +69,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from dyprag.answer import document_dependence, evaluate
-    from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from dyprag.metrics import f1_by_group, facts, score
-    from dyprag.report import markdown, plot
     from dyprag import rundir
     from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
@@ -79,6 +76,17 @@ def _run(args) -> int:
     run = TrainedRun.open(args.run or latest_run())
     args.modes = args.modes or run.config.eval.modes
     out = args.out or run.path / rundir.REPORTS
+    # Writing into the run: not while train.py rewrites it.
+    with rundir.lock(run.path) if args.out is None else contextlib.nullcontext():
+        return _evaluate(args, run, out)
+
+
+def _evaluate(args, run, out: Path) -> int:
+    from dyprag.answer import document_dependence, evaluate
+    from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
+    from dyprag.metrics import f1_by_group, facts, score
+    from dyprag.report import markdown, plot
+
     k = max(parse_mode(m)[1] for m in args.modes) or 1
     dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in args.modes)
     grid, dependence, by_fact, predictions = {}, {}, {}, []

@@ -37,7 +37,7 @@ import sys
 import warnings
 
 from dyprag.config import Config, dump, load_config
-from dyprag.rundir import STAGES
+from dyprag.rundir import STAGES, RunBusy, lock, run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,6 +70,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.print_config:
         print(dump(config), end="")
         return
+    try:
+        with lock(run_dir(config)):  # one writer per run, until the run is published
+            _train(config, args)
+    except RunBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _train(config, args) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if config.model.name == "world":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing to download: no network probes
@@ -84,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
 
     from dyprag.pipeline import StageError, run
     from dyprag.report import next_steps, table
-    from dyprag.rundir import run_dir
 
     hf_logging.disable_progress_bar()  # its loading/saving bars say nothing here
 

@@ -27,6 +27,7 @@ Stages and the paths they own (``--rebuild STAGE`` removes these before the run)
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -63,6 +64,37 @@ STAGES = tuple(STAGE_PATHS)
 def run_dir(config: Config) -> Path:
     """The finished run's directory for ``config``."""
     return Path(config.run.root) / config.run.name
+
+
+class RunBusy(OSError):
+    """Another process is writing the run."""
+
+
+@contextlib.contextmanager
+def lock(run: Path):
+    """Hold the run's writer lock (``flock`` on ``.<name>.lock`` beside it) for the ``with``
+    block, or raise ``RunBusy`` naming the process that holds it. The other ranks of a
+    multi-device fit (``LOCAL_RANK`` > 0) work under rank 0's."""
+    import fcntl
+
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        yield
+        return
+    path = run.parent / f".{run.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunBusy(f"run {run} is being written by process {holder}; wait for it to "
+                          "end or use another run.name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ---- what a run holds -------------------------------------------------------------------------

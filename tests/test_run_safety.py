@@ -89,7 +89,8 @@ def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(copy):
     train.main([*args, "train.lr=2e-3"])
     assert json.loads((run / "eval.json").read_text())["f1"].keys() == {"vanilla", "dyprag@1"}
     assert "lr: 0.002" in (run / "config.yaml").read_text()
-    assert sorted(p.name for p in run.parent.iterdir()) == [run.name]
+    # beside the run: only its writer lock (kept: removing a lock file races its next taker)
+    assert sorted(p.name for p in run.parent.iterdir()) == [f".{run.name}.lock", run.name]
 
 
 def test_a_rerun_drops_the_reports_evaluate_wrote_on_the_run_it_replaces(copy):
@@ -362,3 +363,24 @@ def test_the_embedder_cuts_a_huge_passage_before_tokenizing(monkeypatch):
     assert [len(t) for t in seen[-1]] == [limit, limit, 5]
     monkeypatch.setattr(embed, "CHARS_PER_TOKEN", 10**9)  # no cut: the same vectors
     assert_close(embedder.encode(passages), cut)
+
+
+def test_a_second_writer_of_a_run_exits_2_naming_the_first(tmp_path, capsys):
+    run = tmp_path / "runs" / "busy"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from dyprag.rundir import lock\nwith lock(Path(sys.argv[1])):\n"
+         "    print('held', flush=True); time.sleep(60)", str(run)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        err = exits_with_one_line(capsys, lambda: train.main(
+            [f"run.root={run.parent}", "run.name=busy"]), f"process {holder.pid}", str(run))
+        assert "is being written" in err
+        assert not run.exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    from dyprag.rundir import lock  # free again once the holder is gone
+    with lock(run):
+        assert (run.parent / ".busy.lock").read_text() == str(os.getpid())
