@@ -70,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from dyprag import rundir
-    from dyprag.rundir import latest_run
     from dyprag.trained_run import TrainedRun
 
-    run = TrainedRun.open(args.run or latest_run())
+    run = TrainedRun.open(args.run or rundir.latest_run())
     args.modes = args.modes or run.config.eval.modes
     out = args.out or run.path / rundir.REPORTS
     # Writing into the run: not while train.py rewrites it.
@@ -84,7 +83,7 @@ def _run(args) -> int:
 def _evaluate(args, run, out: Path) -> int:
     from dyprag.answer import document_dependence, evaluate
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from dyprag.metrics import f1_by_group, facts, score
+    from dyprag.metrics import f1_by_fact, score
     from dyprag.report import markdown, plot
 
     k = max(parse_mode(m)[1] for m in args.modes) or 1
@@ -104,9 +103,7 @@ def _evaluate(args, run, out: Path) -> int:
                                        hits, run.knowledge, ev.max_new_tokens, ev.batch_size,
                                        progress=functools.partial(_progress, name), fmt=run.fmt,
                                        scores=[[s for _, s in h] for h in retrieved])
-        asked = facts([qa.meta for qa in examples])
-        if asked:
-            by_fact[name] = {m: f1_by_group(answers[m], golds, asked) for m in args.modes}
+        by_fact[name] = f1_by_fact(answers, golds, [qa.meta for qa in examples])
         if dyprag:
             dependence[name] = document_dependence(run.model, run.tokenizer, questions, golds,
                                                    hits, run.knowledge, ev.max_new_tokens,
@@ -118,6 +115,7 @@ def _evaluate(args, run, out: Path) -> int:
                         for m in args.modes for i, (qa, h) in enumerate(zip(examples, hits))]
     out.mkdir(parents=True, exist_ok=True)
     dependence = {name: d for name, d in dependence.items() if d}  # ≥ 2 documents only
+    by_fact = {name: by for name, by in by_fact.items() if by}  # questions that name facts
     report = markdown(grid, args.modes, dependence, by_fact)
     atomic_write_text(out / "report.md", report)
     atomic_write_json(out / "report.json", {"run": str(run.path), "modes": args.modes,

@@ -35,6 +35,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import NoReturn
 
 from dyprag.config import Config, dump, load_config
 from dyprag.rundir import STAGES, RunBusy, lock, run_dir
@@ -61,8 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {err}")
     if "TORCHELASTIC_RUN_ID" in os.environ:
         sys.exit("error: start multi-device runs with `python train.py train.devices=N "
                  "train.strategy=ddp`, not torchrun: Lightning starts the other processes once "
@@ -74,8 +74,13 @@ def main(argv: list[str] | None = None) -> None:
         with lock(run_dir(config)):  # one writer per run, until the run is published
             _train(config, args)
     except RunBusy as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error: {err}")
+
+
+def _fail(line: str) -> NoReturn:
+    """Bad input: one line on stderr, exit code 2."""
+    print(line, file=sys.stderr)
+    sys.exit(2)
 
 
 def _train(config, args) -> None:
@@ -101,8 +106,7 @@ def _train(config, args) -> None:
     except StageError as err:
         if args.debug:
             raise err.error from None
-        print(f"error ({err.stage} stage): {err}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"error ({err.stage} stage): {err}")
     if results is not None:
         print(table(results))
         print(next_steps(run_dir(config), results))

@@ -78,7 +78,7 @@ class RunConfig(Section):
     def problems(self) -> list[str]:
         if RUN_NAME.match(self.name) is None:
             return [f"name: must be letters, digits and ._- (not starting with '.'), one "
-                    f"folder name inside run.root; got {self.name[:80]!r}"]
+                    f"folder name inside run.root; got {_shown(self.name)}"]
         return []
 
 
@@ -266,8 +266,8 @@ class TranslatorConfig(Section):
     # The world's translator, "attention": learned queries sort the passage's input-token
     # embeddings ("token_list") into slots, and every target's B is linear in the slots (A is
     # one learned matrix per target). Measured on the default job (bench/RESULTS.md, issue 24):
-    # dyprag@1 against 0.627 for "linear" on the mean token embedding, whose birth years were
-    # 0.04. DyPRAG's per-layer MLPs on the retriever's embedding: configs/base/paper.yaml.
+    # dyprag@1 0.931 against 0.627 for "linear" on the mean token embedding, whose birth years
+    # were 0.04. DyPRAG's per-layer MLPs on the retriever's embedding: configs/base/paper.yaml.
     architecture: Literal["per_layer", "shared", "linear", "attention"] = "attention"
     hidden: int = 32
     target_embed_dim: int = 32
@@ -540,7 +540,7 @@ def parse_override(text: str) -> dict:
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from None
     except RecursionError:
-        raise ValueError(f"override {text[:80]!r}: the value is nested too deeply") from None
+        raise ValueError(f"override {_shown(text)}: the value is nested too deeply") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value

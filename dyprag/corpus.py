@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import os
 import zlib
 from collections.abc import Iterable, Iterator
@@ -29,10 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from dyprag.files import atomic_write_jsonl, iter_json_lines
+from dyprag.files import atomic_write_jsonl, file_sha256, iter_json_lines
 
 FORMATS = ("jsonl", "tsv")
-_CHUNK = 1 << 20  # bytes read at a time when hashing or counting
 
 
 @dataclass(frozen=True)
@@ -196,12 +194,7 @@ def corpus_fingerprint(path: str | os.PathLike) -> str:
     Indexes record it and refuse to load against another corpus. Hashing the bytes rather
     than the name or mtime means a copied corpus still matches and an edited one never does.
     """
-    path = _check_file(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_sha256(_check_file(path))
 
 
 def write_corpus_jsonl(passages: Iterable[Passage], path: str | os.PathLike) -> Path:

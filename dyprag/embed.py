@@ -173,6 +173,16 @@ class LLMEmbedder(Embedder):
         return np.concatenate(rows)
 
 
+def token_embeddings(model, tokenizer, text: str, limit: int | None = None) -> torch.Tensor:
+    """The model's input embeddings of ``text``'s tokens (the first ``limit``), ``(T, H)``
+    float32 on the CPU; a passage with no tokens is named."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:limit]
+    if not ids:
+        raise ValueError(f"passage {text[:40]!r} has no tokens")
+    table = model.get_input_embeddings().weight  # (V, H)
+    return table[torch.tensor(ids, device=table.device)].float().cpu()
+
+
 class TokenMeanEmbedder(LLMEmbedder):
     """The mean of the base model's input-token embeddings over each passage, ``(N, hidden)``:
     no forward pass, and every word of the passage is in it (with tied input and output
@@ -186,14 +196,9 @@ class TokenMeanEmbedder(LLMEmbedder):
     def encode(self, texts: list[str]) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings, not one string")
-        table = self.model.get_input_embeddings().weight  # (V, H)
         rows = [np.zeros((0, self.dim), dtype=np.float32)]
-        for text in texts:
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not ids:
-                raise ValueError(f"passage {text[:40]!r} has no tokens")
-            rows.append(table[torch.tensor(ids, device=table.device)].float().mean(0, keepdim=True)
-                        .cpu().numpy())
+        rows += [token_embeddings(self.model, self.tokenizer, t).mean(0, keepdim=True).numpy()
+                 for t in texts]
         return np.concatenate(rows)
 
 
@@ -214,13 +219,10 @@ class TokenListEmbedder(LLMEmbedder):
     def encode(self, texts: list[str]) -> np.ndarray:
         if isinstance(texts, str):
             raise TypeError("encode takes a list of strings, not one string")
-        table = self.model.get_input_embeddings().weight  # (V, H)
         out = np.zeros((len(texts), self.max_tokens, self.token_dim), dtype=np.float32)
         for i, text in enumerate(texts):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][:self.max_tokens]
-            if not ids:
-                raise ValueError(f"passage {text[:40]!r} has no tokens")
-            out[i, :len(ids)] = table[torch.tensor(ids, device=table.device)].float().cpu().numpy()
+            rows = token_embeddings(self.model, self.tokenizer, text, self.max_tokens)
+            out[i, :len(rows)] = rows.numpy()
         return out.reshape(len(texts), self.dim)
 
 

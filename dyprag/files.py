@@ -33,6 +33,15 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def is_cached(meta: str | os.PathLike, key: str) -> bool:
     """A stage's output is up to date: its meta file (written last) records ``key``, the
     fingerprint of the inputs it was made from. An unreadable meta file raises ``Unreadable``."""

@@ -167,6 +167,16 @@ def f1_by_group(predictions: Sequence[str], answer_lists: Sequence[Sequence[str]
             for group, rows in members.items()}
 
 
+def f1_by_fact(predictions: dict[str, Sequence[str]], answer_lists: Sequence[Sequence[str]],
+               meta: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """``{mode: {fact: F1}}`` for ``predictions`` by mode, where every question names the fact
+    it asks (``facts``); empty otherwise."""
+    asked = facts(meta)
+    if asked is None:
+        return {}
+    return {mode: f1_by_group(answers, answer_lists, asked) for mode, answers in predictions.items()}
+
+
 def facts(meta: Sequence[dict]) -> list[str] | None:
     """The fact each question asks (its ``meta["attribute"]``, as the world writes), or None
     unless every question names one."""

@@ -45,7 +45,7 @@ from dyprag.files import (
 )
 from dyprag.fit import fit_translator
 from dyprag.loggers import log_results
-from dyprag.metrics import f1_by_group, facts
+from dyprag.metrics import f1_by_fact
 from dyprag.inject import inject_lora
 from dyprag.models import load_model, lora_layers
 from dyprag.prompts import prompt_format
@@ -349,14 +349,12 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
             log(f"document dependence: dyprag@1 with an irrelevant document F1 "
                 f"{dependence['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "
                 f"{dependence['delta_cosine']:.3f}")
-    by_fact = {}
-    asked = facts([qa.meta for qa in test])
-    if asked:
-        by_fact = {"f1_by_fact": {m: f1_by_group(predictions[m], golds, asked) for m in ev.modes}}
+    by_fact = f1_by_fact(predictions, golds, [qa.meta for qa in test])
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev.modes}}
                for i, qa in enumerate(test[:ev.samples])]
     return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in grid.items()},
             "em": {m: s["em"] for m, s in grid.items()},
-            "acc": {m: s["acc"] for m, s in grid.items()}, **by_fact, **dependence,
+            "acc": {m: s["acc"] for m, s in grid.items()},
+            **({"f1_by_fact": by_fact} if by_fact else {}), **dependence,
             "samples": samples}

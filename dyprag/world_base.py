@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,15 @@ from torch.utils.data import DataLoader
 from dyprag.config import PretrainConfig
 from dyprag.corpus import iter_corpus
 from dyprag.examples import Segments, length_sorted, pad, tokenize
-from dyprag.files import atomic_dir, atomic_write_json, fingerprint, is_cached, linked_copy, read_json
+from dyprag.files import (
+    atomic_dir,
+    atomic_write_json,
+    file_sha256,
+    fingerprint,
+    is_cached,
+    linked_copy,
+    read_json,
+)
 from dyprag.models import model_cache
 from dyprag.optim import adamw_warmup_cosine
 from dyprag.progress import FitProgress
@@ -247,27 +253,18 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
             "fingerprint": key, "config": config, "world": world_key, "examples": len(examples),
             "steps": steps, "seconds": round(seconds, 1)})
     if is_cached(SHIPPED / meta_path.name, key):
-        same = sha256(out / WEIGHTS) == sha256(SHIPPED / WEIGHTS)
+        digest = file_sha256(out / WEIGHTS)
+        same = digest == file_sha256(SHIPPED / WEIGHTS)
         print(f"[dyprag] the pretrained weights {'equal' if same else 'differ from'} the "
-              f"shipped ones ({WEIGHTS} sha256 {sha256(out / WEIGHTS)[:16]})", flush=True)
+              f"shipped ones ({WEIGHTS} sha256 {digest[:16]})", flush=True)
     try:
-        if shared.exists():
-            shutil.rmtree(shared)  # --rebuild base: the new model replaces the kept one
-        linked_copy(out, shared)
+        linked_copy(out, shared)  # replaces a kept copy (--rebuild base)
     except OSError as err:  # a read-only or full cache costs later runs time, not this one
         print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
     return out
 
 
 WEIGHTS = "model.safetensors"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def shared_base_dir(key: str) -> Path:

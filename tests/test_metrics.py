@@ -9,6 +9,7 @@ from dyprag.metrics import (
     accuracy,
     exact_match,
     extract_answer,
+    f1_by_fact,
     f1_by_group,
     f1_score,
     facts,
@@ -192,3 +193,10 @@ def test_facts_are_the_questions_attributes_only_when_every_question_names_one()
     assert facts([{"attribute": "city"}, {"attribute": "year", "doc_id": "e1"}]) == ["city", "year"]
     assert facts([{"attribute": "city"}, {}]) is None
     assert facts([]) is None
+
+
+def test_f1_by_fact_is_per_mode_and_empty_when_a_question_names_no_fact():
+    golds, meta = [["Oslo"], ["1957"]], [{"attribute": "city"}, {"attribute": "year"}]
+    by = f1_by_fact({"rag@1": ["Oslo", "x"], "dyprag@1": ["Rome", "1957"]}, golds, meta)
+    assert by == {"rag@1": {"city": 1.0, "year": 0.0}, "dyprag@1": {"city": 0.0, "year": 1.0}}
+    assert f1_by_fact({"rag@1": ["Oslo", "x"]}, golds, [{"attribute": "city"}, {}]) == {}

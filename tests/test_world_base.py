@@ -140,7 +140,8 @@ def default_world(tmp_path_factory):
 
 
 def test_the_default_world_base_model_ships_in_the_package(default_world, tmp_path, monkeypatch):
-    from dyprag.world_base import SHIPPED, sha256
+    from dyprag.files import file_sha256 as sha256
+    from dyprag.world_base import SHIPPED
 
     monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path / "empty-cache"))  # a machine's first run
     monkeypatch.setattr("pytorch_lightning.Trainer.fit",
