@@ -10,6 +10,7 @@ at import time.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -51,12 +52,12 @@ def is_cached(meta: str | os.PathLike, key: str) -> bool:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary file path beside ``path`` (same suffix, so writers that go by it still
-    work), renamed over ``path`` when the block ends without error and removed when it raises;
-    parent directories are created."""
+    """A temporary file path beside ``path``, unique to this process (same suffix, so writers
+    that go by it still work), renamed over ``path`` when the block ends without error and
+    removed when it raises; parent directories are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -164,34 +165,70 @@ def open_safetensors(path: str | os.PathLike):
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """A fresh temporary directory path beside ``path`` (not created: a writer such as
-    ``save_pretrained`` or ``copytree`` makes it), which replaces ``path`` when the block ends
-    without error and is removed when it raises. The replaced directory's files are unlinked,
-    never written through (they may be hard links of a finished run's)."""
+def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator[Path]:
+    """A fresh temporary directory path beside ``path``, unique to this process (not created:
+    a writer such as ``save_pretrained`` or ``copytree`` makes it), which replaces ``path``
+    when the block ends without error and is removed when it raises. The replaced directory is
+    renamed aside, then removed: its files are unlinked, never written through (they may be
+    hard links of a finished run's). ``keep_existing``: when ``path`` exists at the end (a
+    cache entry another process published meanwhile: the same content, by its key), it is
+    kept and this copy dropped. Temporaries left by killed processes are removed."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    _remove_stale(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if keep_existing and path.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = path.with_name(f"{path.name}.old-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # published by another process after the check above
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep_existing and path.exists()):
+            raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def linked_copy(src: str | os.PathLike, dst: str | os.PathLike, ignore=None) -> None:
-    """``src`` as a new directory ``dst``, atomically (``atomic_dir``), its files hard-linked
-    where the filesystem allows, else copied; ``ignore`` as ``shutil.copytree``'s. Safe because
-    every writer here replaces a file or ``unshare``s it first, never writes through a link."""
+def _remove_stale(path: Path) -> None:
+    """Remove ``atomic_dir``'s temporaries of ``path`` whose process is gone."""
+    for kind in ("tmp", "old"):
+        for stale in path.parent.glob(f"{glob.escape(path.name)}.{kind}-*"):
+            pid = stale.name.rpartition("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def linked_copy(src: str | os.PathLike, dst: str | os.PathLike, ignore=None,
+                keep_existing: bool = False) -> None:
+    """``src`` as a new directory ``dst``, atomically (``atomic_dir``, ``keep_existing`` as
+    there), its files hard-linked where the filesystem allows, else copied; ``ignore`` as
+    ``shutil.copytree``'s. Safe because every writer here replaces a file or ``unshare``s it
+    first, never writes through a link."""
     def link_or_copy(a: str, b: str) -> None:
         try:
             os.link(a, b)
         except OSError:
             shutil.copy2(a, b)
 
-    with atomic_dir(dst) as tmp:
+    with atomic_dir(dst, keep_existing) as tmp:
         shutil.copytree(src, tmp, symlinks=True, copy_function=link_or_copy, ignore=ignore)
 
 

@@ -258,7 +258,8 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
         print(f"[dyprag] the pretrained weights {'equal' if same else 'differ from'} the "
               f"shipped ones ({WEIGHTS} sha256 {digest[:16]})", flush=True)
     try:
-        linked_copy(out, shared)  # replaces a kept copy (--rebuild base)
+        # Replaces a kept copy on --rebuild base; else one another job kept meanwhile stays.
+        linked_copy(out, shared, keep_existing=not fresh)
     except OSError as err:  # a read-only or full cache costs later runs time, not this one
         print(f"[dyprag] could not keep the base model in {shared} ({err})", flush=True)
     return out
