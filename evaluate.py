@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 from dyprag.config import parse_mode
+from dyprag.rundir import EMBEDDER_HELP
 
 
 def datasets(args, run) -> list[tuple[str, list]]:
@@ -46,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, help="run directory (default: the latest)")
+    parser.add_argument("--embedder", metavar="NAME", help=EMBEDDER_HELP)
     parser.add_argument("--qa", action="append", default=[], metavar="FILE[:FORMAT]",
                         help="a QA file (repeatable); default: the run's test questions")
     parser.add_argument("--modes", nargs="+",
@@ -72,7 +74,7 @@ def _run(args) -> int:
     from dyprag import rundir
     from dyprag.trained_run import TrainedRun
 
-    run = TrainedRun.open(args.run or rundir.latest_run())
+    run = TrainedRun.open(args.run or rundir.latest_run(), embedder=args.embedder)
     args.modes = args.modes or run.config.eval.modes
     out = args.out or run.path / rundir.REPORTS
     # Writing into the run: not while train.py rewrites it.

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from dyprag.config import MODES
+from dyprag.rundir import EMBEDDER_HELP
 
 MODE_NAMES = [m for m in MODES if m != "vanilla"] + ["vanilla"]
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--questions-file", type=Path, help="one question per line, or jsonl")
     parser.add_argument("--run", type=Path, help="run directory (default: the latest)")
     parser.add_argument("--mode", default="dyprag", choices=MODE_NAMES)
+    parser.add_argument("--embedder", metavar="NAME", help=EMBEDDER_HELP)
     parser.add_argument("--k", type=int, help="documents per question (default: the run's index.k)")
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--json", action="store_true", help="one JSON object per question")
@@ -110,7 +112,7 @@ def _run(args) -> int:
         raise ValueError(f"--k must be ≥ 1, got {args.k}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
-    run = TrainedRun.open(args.run or latest_run())
+    run = TrainedRun.open(args.run or latest_run(), embedder=args.embedder)
     k = args.k or run.config.index.k
     mode = args.mode if args.mode == "vanilla" else f"{args.mode}@{k}"
     hits = run.retrieve(questions, k)

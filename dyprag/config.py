@@ -78,7 +78,7 @@ class RunConfig(Section):
     def problems(self) -> list[str]:
         if RUN_NAME.match(self.name) is None:
             return [f"name: must be letters, digits and ._- (not starting with '.'), one "
-                    f"folder name inside run.root; got {_shown(self.name)}"]
+                    f"folder name inside run.root; got {shown(self.name)}"]
         return []
 
 
@@ -418,7 +418,7 @@ def choices(section: type, name: str) -> tuple:
     return get_args(hint)
 
 
-def _shown(value: Any, limit: int = 200) -> str:
+def shown(value: Any, limit: int = 200) -> str:
     """``repr(value)``, cut to ``limit`` characters (a YAML alias bomb expands to megabytes)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
@@ -429,27 +429,27 @@ def _type_problem(value: Any, hint: Any) -> str | None:
     a float; a bool is no int; a float must be finite."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
-        return None if value in args else f"must be one of {args}, got {_shown(value)}"
+        return None if value in args else f"must be one of {args}, got {shown(value)}"
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         problem = _type_problem(value, inner)
         if problem and get_origin(inner) is Literal:
-            return f"must be one of {(None, *get_args(inner))}, got {_shown(value)}"
+            return f"must be one of {(None, *get_args(inner))}, got {shown(value)}"
         return problem
     if origin is list:
         if not isinstance(value, list):
-            return f"must be a list, got {_shown(value)}"
+            return f"must be a list, got {shown(value)}"
         return next(filter(None, (_type_problem(v, args[0]) for v in value)), None)
     if isinstance(value, bool) and hint is not bool:
-        return f"must be {hint.__name__}, got {_shown(value)}"
+        return f"must be {hint.__name__}, got {shown(value)}"
     if hint is float and isinstance(value, int):
         return None
     if not isinstance(value, hint):
-        return f"must be {hint.__name__}, got {_shown(value)}"
+        return f"must be {hint.__name__}, got {shown(value)}"
     if isinstance(value, float) and not math.isfinite(value):
-        return f"must be a finite number, got {_shown(value)}"
+        return f"must be a finite number, got {shown(value)}"
     return None
 
 
@@ -463,7 +463,7 @@ def _merge(base: dict, update: dict, where: str, problems: list[str]) -> dict:
             if isinstance(value, dict):
                 out[key] = _merge(base[key], value, path, problems)
             else:
-                problems.append(f"{path}: must be a mapping, got {_shown(value)}")
+                problems.append(f"{path}: must be a mapping, got {shown(value)}")
         else:
             out[key] = value
     return out
@@ -540,7 +540,7 @@ def parse_override(text: str) -> dict:
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from None
     except RecursionError:
-        raise ValueError(f"override {_shown(text)}: the value is nested too deeply") from None
+        raise ValueError(f"override {shown(text)}: the value is nested too deeply") from None
     for part in reversed(key.split(".")):
         value = {part: value}
     return value

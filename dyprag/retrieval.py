@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from dyprag.config import IndexConfig, choices
+from dyprag.config import IndexConfig, choices, shown
 from dyprag.corpus import corpus_fingerprint, corpus_ids
 from dyprag.dense_index import META, DenseIndex
-from dyprag.embed import Embedder, EmbeddingTable
+from dyprag.embed import DEFAULT_MODEL, Embedder, EmbeddingTable
 from dyprag.files import atomic_write_json, read_json
 from dyprag.sparse import BM25Index, Results, reciprocal_rank_fusion
 
@@ -170,11 +170,14 @@ def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, 
     return Retriever(method, model, dense, bm25, embeddings)
 
 
-def load_retriever(out_dir: str | os.PathLike, embedder: Embedder | None = None,
+def load_retriever(out_dir: str | os.PathLike, embedder: Embedder | str | None = None,
                    use_gpu: bool | None = None) -> Retriever:
     """Reopen what ``build_retriever`` wrote, without the corpus (it may have moved).
 
-    Pass a loaded ``embedder`` to share it; it must be the one the index was built with.
+    ``embedder`` is the one the index was built with: a loaded ``Embedder`` (shared), a model
+    id/path the caller chose, or None for the packaged default. The name in the index's
+    metadata is only compared, never loaded: a run directory is data, and loading a model it
+    names would run whatever that model's files hold.
     """
     out = Path(out_dir)
     meta = read_json(out / META)
@@ -183,7 +186,12 @@ def load_retriever(out_dir: str | os.PathLike, embedder: Embedder | None = None,
     method, fingerprint = meta["method"], meta["corpus_fingerprint"]
     model = dense = bm25 = embeddings = None
     if method in ("dense", "hybrid"):
-        model = embedder if embedder is not None else Embedder(meta["embedder"])
+        chosen = embedder.name if isinstance(embedder, Embedder) else embedder or DEFAULT_MODEL
+        if meta.get("embedder") != chosen:
+            raise ValueError(f"{out} was built with embedder {shown(meta.get('embedder'))}, "
+                             f"not {chosen}; a run's own embedder is loaded only when named "
+                             f"(--embedder NAME)")
+        model = embedder if isinstance(embedder, Embedder) else Embedder(chosen)
         dense = DenseIndex.load(out / "dense", embedder=model.name, corpus_fingerprint=fingerprint,
                                 use_gpu=use_gpu)
         if (out / EMBEDDINGS).is_file():

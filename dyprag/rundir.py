@@ -61,6 +61,12 @@ STAGE_PATHS: dict[str, tuple[str, ...]] = {
 STAGES = tuple(STAGE_PATHS)
 
 
+# infer.py's and evaluate.py's --embedder.
+EMBEDDER_HELP = ("the model id or path of the run's embedder, when it is not the packaged "
+                 "all-MiniLM-L6-v2: a run's metadata names its embedder, but only one you name "
+                 "is loaded (a run directory is data, not code)")
+
+
 def run_dir(config: Config) -> Path:
     """The finished run's directory for ``config``."""
     return Path(config.run.root) / config.run.name

@@ -44,10 +44,13 @@ class TrainedRun:
         self.fmt = prompt_format(tokenizer, config.prompt.format)
 
     @classmethod
-    def open(cls, path: str | Path, device: str | None = None) -> TrainedRun:
+    def open(cls, path: str | Path, device: str | None = None,
+             embedder: str | None = None) -> TrainedRun:
+        """``embedder``: the model id/path of the index's embedder when it is not the packaged
+        one (a run's own metadata only names it; loading what it names is the user's call)."""
         path = Path(path)
         try:
-            return cls._open(path, device)
+            return cls._open(path, device, embedder)
         except Unreadable as err:
             stage = rundir.owning_stage(err.path, path)
             raise RunError(f"{err}; make it again with `python train.py --config "
@@ -55,7 +58,7 @@ class TrainedRun:
                            ) from None
 
     @classmethod
-    def _open(cls, path: Path, device: str | None) -> TrainedRun:
+    def _open(cls, path: Path, device: str | None, embedder: str | None) -> TrainedRun:
         for need in (rundir.FINISHED, rundir.CONFIG, f"{rundir.TRANSLATOR}/meta.json",
                      f"{rundir.INDEX}/meta.json"):
             if not (path / need).is_file():
@@ -69,7 +72,7 @@ class TrainedRun:
         injection = inject_lora(model, lora_layers(config.model.lora_layers, model))
         translator, meta = load_translator(path / rundir.TRANSLATOR, model_id,
                                            injection.shapes, device=model.device)
-        retriever = load_retriever(path / rundir.INDEX)
+        retriever = load_retriever(path / rundir.INDEX, embedder)
         if not corpus.is_file():
             raise RunError(f"the run's corpus {corpus} is missing (moved? set data.corpus)")
         embeddings = _embeddings(path, meta, retriever)

@@ -81,6 +81,33 @@ def test_load_refuses_another_embedder(embedder, corpus, tmp_path):
         load_retriever(tmp_path / "index", embedder=impostor)
 
 
+def test_an_embedder_named_only_by_the_index_is_never_loaded(embedder, corpus, tmp_path,
+                                                             monkeypatch):
+    import dyprag.retrieval as retrieval
+    from dyprag.files import atomic_write_json, read_json
+
+    build_retriever(corpus, tmp_path / "index", embedder=embedder, show_progress=False)
+    meta = read_json(tmp_path / "index" / "meta.json")
+    atomic_write_json(tmp_path / "index" / "meta.json", {**meta, "embedder": "/shared/evil-model"})
+    loaded = []
+
+    class Recorder:  # stands in for Embedder: records what would be loaded, loads nothing
+        def __init__(self, name):
+            loaded.append(name)
+            raise LookupError("not loaded in this test")
+
+    monkeypatch.setattr(retrieval, "Embedder", Recorder)
+    with pytest.raises(ValueError, match="built with embedder '/shared/evil-model'.*--embedder"):
+        load_retriever(tmp_path / "index")
+    assert loaded == []
+    with pytest.raises(ValueError, match="not some/other-model"):
+        load_retriever(tmp_path / "index", "some/other-model")
+    assert loaded == []
+    with pytest.raises(LookupError):  # named by the user: loaded
+        load_retriever(tmp_path / "index", "/shared/evil-model")
+    assert loaded == ["/shared/evil-model"]
+
+
 def test_bad_method(corpus, tmp_path):
     with pytest.raises(ValueError, match="method must be one of"):
         build_retriever(corpus, tmp_path / "index", "colbert")
