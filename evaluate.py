@@ -74,12 +74,14 @@ def _run(args) -> int:
     from dyprag import rundir
     from dyprag.trained_run import TrainedRun
 
-    run = TrainedRun.open(args.run or rundir.latest_run(), embedder=args.embedder)
-    args.modes = args.modes or run.config.eval.modes
-    out = args.out or run.path / rundir.REPORTS
-    # Writing into the run: not while train.py rewrites it.
-    with rundir.lock(run.path) if args.out is None else contextlib.nullcontext():
-        return _evaluate(args, run, out)
+    path = args.run or rundir.latest_run()
+    with rundir.reading(path):  # a rerun publishing meanwhile waits until the reports are out
+        run = TrainedRun.open(path, embedder=args.embedder)
+        args.modes = args.modes or run.config.eval.modes
+        out = args.out or run.path / rundir.REPORTS
+        # Writing into the run: not while train.py rewrites it.
+        with rundir.lock(run.path) if args.out is None else contextlib.nullcontext():
+            return _evaluate(args, run, out)
 
 
 def _evaluate(args, run, out: Path) -> int:

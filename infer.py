@@ -93,7 +93,7 @@ def utf8(text: str, what: str) -> str:
 def _run(args) -> int:
     from transformers.utils import logging as hf_logging
 
-    from dyprag.rundir import latest_run
+    from dyprag.rundir import latest_run, reading
     from dyprag.trained_run import TrainedRun
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: stderr is for errors here
@@ -112,30 +112,32 @@ def _run(args) -> int:
         raise ValueError(f"--k must be ≥ 1, got {args.k}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be ≥ 1, got {args.max_new_tokens}")
-    run = TrainedRun.open(args.run or latest_run(), embedder=args.embedder)
-    k = args.k or run.config.index.k
-    mode = args.mode if args.mode == "vanilla" else f"{args.mode}@{k}"
-    hits = run.retrieve(questions, k)
-    answers = run.answer(questions, hits, mode, max_new_tokens=args.max_new_tokens)
-    for question, hit, reply in zip(questions, hits, answers):
-        passages = [{"id": d, "score": round(s, 4), "text": run.knowledge.passages[d]}
-                    for d, s in hit]
-        if args.json:
-            print(json.dumps({"question": question, "mode": mode, "answer": reply,
-                              "passages": passages}, ensure_ascii=False))
-        else:
-            print(f"Q: {question}")
-            for p in passages:
-                print(f"  [{p['score']:.3f}] {p['id']}: {p['text']}")
-            print(f"A ({mode}): {reply}\n")
-    if args.export_peft:
-        from dyprag.lora_io import export_peft
+    path = args.run or latest_run()
+    with reading(path):  # a rerun publishing meanwhile waits until the answers are out
+        run = TrainedRun.open(path, embedder=args.embedder)
+        k = args.k or run.config.index.k
+        mode = args.mode if args.mode == "vanilla" else f"{args.mode}@{k}"
+        hits = run.retrieve(questions, k)
+        answers = run.answer(questions, hits, mode, max_new_tokens=args.max_new_tokens)
+        for question, hit, reply in zip(questions, hits, answers):
+            passages = [{"id": d, "score": round(s, 4), "text": run.knowledge.passages[d]}
+                        for d, s in hit]
+            if args.json:
+                print(json.dumps({"question": question, "mode": mode, "answer": reply,
+                                  "passages": passages}, ensure_ascii=False))
+            else:
+                print(f"Q: {question}")
+                for p in passages:
+                    print(f"  [{p['score']:.3f}] {p['id']}: {p['text']}")
+                print(f"A ({mode}): {reply}\n")
+        if args.export_peft:
+            from dyprag.lora_io import export_peft
 
-        lora = run.lora(hits[0], mode)
-        if lora is None:
-            raise ValueError(f"mode {mode} injects no LoRA; nothing to export")
-        export_peft(lora, run.model, args.export_peft, base_model_name_or_path=run.model_id)
-        print(f"wrote the LoRA of {questions[0]!r} to {args.export_peft}", file=sys.stderr)
+            lora = run.lora(hits[0], mode)
+            if lora is None:
+                raise ValueError(f"mode {mode} injects no LoRA; nothing to export")
+            export_peft(lora, run.model, args.export_peft, base_model_name_or_path=run.model_id)
+            print(f"wrote the LoRA of {questions[0]!r} to {args.export_peft}", file=sys.stderr)
     return 0
 
 

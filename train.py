@@ -38,7 +38,7 @@ import warnings
 from typing import NoReturn
 
 from dyprag.config import Config, dump, load_config
-from dyprag.rundir import STAGES, RunBusy, lock, run_dir
+from dyprag.rundir import STAGES, NotARun, RunBusy, lock, refuse_non_run, run_dir
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,22 +58,23 @@ def main(argv: list[str] | None = None) -> None:
                         f"again (repeatable): {', '.join(STAGES)}")
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of one line")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides before and after options
     try:
         config = load_config(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as err:
         _fail(f"error: {err}")
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        sys.exit("error: start multi-device runs with `python train.py train.devices=N "
-                 "train.strategy=ddp`, not torchrun: Lightning starts the other processes once "
-                 "the stages before the fit are cached")
+        _fail("error: start multi-device runs with `python train.py train.devices=N "
+              "train.strategy=ddp`, not torchrun: Lightning starts the other processes once "
+              "the stages before the fit are cached")
     if args.print_config:
         print(dump(config), end="")
         return
     try:
+        refuse_non_run(run_dir(config))
         with lock(run_dir(config)):  # one writer per run, until the run is published
             _train(config, args)
-    except RunBusy as err:
+    except (RunBusy, NotARun) as err:
         _fail(f"error: {err}")
 
 

@@ -25,7 +25,7 @@ import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -48,20 +48,29 @@ class ConfigError(ValueError):
 
 class Section:
     """A config section: ``problems()`` lists its bad values (its fields' types are checked by
-    the loader); constructing one with a bad value raises ``ConfigError``."""
+    the loader); constructing one with a bad value raises ``ConfigError``.
+
+    ``RANGES`` bounds its numeric fields (None, where a field is optional, is not checked).
+    The upper bounds are there so that a mistyped size or count fails here instead of
+    exhausting the machine; each is at least 100× the largest value any file in configs/ or
+    bench/ uses (tests/test_configs.py checks it)."""
+
+    RANGES: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def problems(self) -> list[str]:
-        return []
+        out = []
+        for name, (least, most) in self.RANGES.items():
+            value = getattr(self, name)
+            if value is not None and not least <= value <= most:
+                out.append(f"{name}: must be ≥ {least:g}, got {value}" if value < least else
+                           f"{name}: must be ≤ {most:,}, got {value:,} (a bound that stops "
+                           "a mistyped value from exhausting the machine)")
+        return out
 
     def __post_init__(self) -> None:
         problems = self.problems()
         if problems:
             raise ConfigError(problems, type(self).__name__)
-
-
-def _at_least(section: Section, minimum: float, *names: str) -> list[str]:
-    return [f"{n}: must be ≥ {minimum}, got {getattr(section, n)}" for n in names
-            if getattr(section, n) < minimum]
 
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$")
@@ -102,9 +111,11 @@ class DataConfig(Section):
     # translator's training data with the LM term only (no bank LoRA): cheap data for the
     # hypernetwork. The translator's fit costs ~40 ms per document (bench/RESULTS.md).
     extra_docs: int = 2500
+    RANGES = {"extra_docs": (0, 10**6), "train_questions": (1, 10**7),
+              "test_questions": (1, 10**7)}
 
     def problems(self) -> list[str]:
-        out = _at_least(self, 0, "extra_docs")
+        out = super().problems()
         if not 0 <= self.val_fraction < 1:
             out.append(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         return out
@@ -139,11 +150,13 @@ class PretrainConfig(Section):
     # better than without it (default job: rag@1 0.748 vs 0.648, dyprag@1 0.628 vs 0.547;
     # bench/RESULTS.md).
     length_window: int = 64
-
-    def problems(self) -> list[str]:
-        return _at_least(self, 0, "length_window") + _at_least(self, 1, "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "intermediate_size", "max_position_embeddings", "epochs",
-                         "batch_size", "max_passages")
+    RANGES = {"hidden_size": (1, 65536), "num_hidden_layers": (1, 1000),
+              "num_attention_heads": (1, 1024), "intermediate_size": (1, 262144),
+              "max_position_embeddings": (1, 131072), "epochs": (1, 1000),
+              "batch_size": (1, 10**4), "warmup_steps": (0, 10**7),
+              "reading_single": (0, 10**7), "reading_multi": (0, 10**7),
+              "questions_per_context": (1, 1000), "max_passages": (1, 1000),
+              "length_window": (0, 10**5)}
 
 
 @dataclass(frozen=True)
@@ -172,9 +185,7 @@ class IndexConfig(Section):
     # Documents per question at query time (infer.py's default). A world question is about
     # one person, whose bio alone answers it, so 1; the paper configs use 3.
     k: int = 1
-
-    def problems(self) -> list[str]:
-        return _at_least(self, 1, "k")
+    RANGES = {"k": (1, 1000)}
 
 
 @dataclass(frozen=True)
@@ -214,10 +225,8 @@ class AugmentConfig(Section):
     questions: int = 3
     max_retries: int = 2
     batch_size: int = 8
-
-    def problems(self) -> list[str]:
-        return _at_least(self, 0, "rewrites", "max_retries") + _at_least(
-            self, 1, "questions", "batch_size")
+    RANGES = {"rewrites": (0, 1000), "questions": (1, 1000), "max_retries": (0, 1000),
+              "batch_size": (1, 10**4)}
 
 
 @dataclass(frozen=True)
@@ -255,10 +264,10 @@ class BankConfig(Section):
     warmup_epochs: int = 1
     warmup_lr: float = 1e-4
     seed: int = 0
-
-    def problems(self) -> list[str]:
-        return _at_least(self, 1, "rank", "epochs", "docs_per_step", "shard_size") + _at_least(
-            self, 0, "qa_with_passage", "qa_closed_book", "w_locality")
+    RANGES = {"rank": (1, 4096), "epochs": (1, 10**4), "docs_per_step": (1, 10**5),
+              "shard_size": (1, 10**6), "qa_with_passage": (0, 10**4),
+              "qa_closed_book": (0, 10**4), "w_locality": (0, math.inf),
+              "warmup_docs": (1, 10**6), "warmup_epochs": (1, 1000)}
 
 
 @dataclass(frozen=True)
@@ -284,13 +293,16 @@ class TranslatorConfig(Section):
     queries: int = 8
     max_tokens: int = 64
 
+    RANGES = {"hidden": (1, 10**5), "target_embed_dim": (1, 10**5), "bottleneck": (0, 10**5),
+              "queries": (1, 10**4), "max_tokens": (1, 10**5)}
+
     def problems(self) -> list[str]:
-        out = _at_least(self, 1, "hidden", "target_embed_dim", "queries", "max_tokens")
+        out = super().problems()
         if (self.architecture == "attention") != (self.embedding == "token_list"):
             out.append("architecture: 'attention' reads, and alone reads, embedding "
                        f"'token_list'; got architecture {self.architecture!r} with embedding "
                        f"{self.embedding!r}")
-        return out + _at_least(self, 0, "bottleneck")
+        return out
 
 
 @dataclass(frozen=True)
@@ -338,9 +350,13 @@ class TrainConfig(Section):
     # recipe; DyPRAG's translator trains on the QA pairs only).
     passage_lm: bool = False
 
+    RANGES = {"epochs": (1, 10**4), "batch_size": (1, 10**5), "warmup_steps": (0, 10**7),
+              "devices": (1, 1024), "num_workers": (0, 1024), "val_questions": (0, 10**7),
+              "log_every_n_steps": (1, 10**7), "qa_with_passage": (0, 10**4),
+              **{w: (0, math.inf) for w in ("w_lm", "w_kl", "w_mse", "w_locality")}}
+
     def problems(self) -> list[str]:
-        out = _at_least(self, 1, "epochs", "batch_size", "log_every_n_steps") + _at_least(
-            self, 0, "val_questions", "w_lm", "w_kl", "w_mse", "w_locality", "qa_with_passage")
+        out = super().problems()
         if self.lr <= 0:
             out.append(f"lr: must be > 0, got {self.lr}")
         return out
@@ -354,15 +370,17 @@ class EvalConfig(Section):
     max_new_tokens: int = 8
     batch_size: int = 64
     samples: int = 10  # sample answers in the logs
+    RANGES = {"limit": (1, 10**7), "max_new_tokens": (1, 10**5), "batch_size": (1, 10**5),
+              "samples": (0, 10**5)}
 
     def problems(self) -> list[str]:
-        out = []
+        out = super().problems()
         for mode in self.modes:
             try:
                 parse_mode(mode)
             except ValueError as err:
                 out.append(f"modes: {err}")
-        return out + _at_least(self, 1, "max_new_tokens", "batch_size")
+        return out
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 
 from dyprag.config import Config
 from dyprag.files import atomic_write_text
+from dyprag.rundir import LOGS
 
 
 def wandb_mode(config: Config) -> str:
@@ -34,7 +35,7 @@ def make_loggers(config: Config, out: Path) -> list[Logger]:
     metrics file of the directory it is given); W&B unless ``wandb.mode`` is 'disabled'.
     Offline unless asked for online or the user configured W&B (WANDB_MODE / WANDB_API_KEY),
     so nothing probes the network."""
-    loggers: list[Logger] = [CSVLogger(out, name="logs")]
+    loggers: list[Logger] = [CSVLogger(out, name=LOGS)]
     w, mode = config.wandb, wandb_mode(config)
     if mode != "disabled":
         loggers.append(WandbLogger(project=w.project, name=w.name or config.run.name,

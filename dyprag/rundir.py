@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dyprag.config import Config, RunConfig
-from dyprag.files import linked_copy, read_json
+from dyprag.files import atomic_write_json, linked_copy, read_json
 from dyprag.qa import QAExample, load_qa
 
 if TYPE_CHECKING:
@@ -50,6 +50,11 @@ REPORTS = "eval"  # evaluate.py's reports on the run (report.md, predictions.jso
 # Written last when a run finishes, or about the finished run: a rerun's staging copy leaves
 # them out, so a rerun never publishes another translator's reports.
 DESCRIBES_THE_RUN = (CONFIG, FINISHED, PLOT, REPORTS)
+LOGS, WANDB = "logs", "wandb"  # dyprag.loggers
+# Says that a directory is a dyprag run (written when its first attempt begins): only a run is
+# ever written into or deleted from. A run written before the marker existed holds only the
+# names below and is recognised by them.
+MARKER = "dyprag-run.json"
 STAGE_PATHS: dict[str, tuple[str, ...]] = {
     "data": (WORLD,),
     "base": (BASE,),
@@ -59,6 +64,7 @@ STAGE_PATHS: dict[str, tuple[str, ...]] = {
     "translator": (TRANSLATOR, CHECKPOINTS),
 }
 STAGES = tuple(STAGE_PATHS)
+_RUN_NAMES = {MARKER, LOGS, WANDB, *DESCRIBES_THE_RUN, *(n for ns in STAGE_PATHS.values() for n in ns)}
 
 
 # infer.py's and evaluate.py's --embedder.
@@ -68,12 +74,86 @@ EMBEDDER_HELP = ("the model id or path of the run's embedder, when it is not the
 
 
 def run_dir(config: Config) -> Path:
-    """The finished run's directory for ``config``."""
-    return Path(config.run.root) / config.run.name
+    """The finished run's directory for ``config``; where it is a symlink, the directory it
+    points to (a rerun's staging copy and publication happen beside that one, and the link
+    stays)."""
+    return _target(Path(config.run.root) / config.run.name)
+
+
+def _target(run: Path) -> Path:
+    """``run``, or the directory it points to when it is a symlink."""
+    return run.resolve() if run.is_symlink() else run
+
+
+class NotARun(ValueError):
+    """A directory where a run would go that holds something else."""
+
+
+def refuse_non_run(final: Path) -> None:
+    """Raise ``NotARun`` unless ``final`` is missing, empty, or a dyprag run: nothing is ever
+    written into or deleted from another directory."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise NotARun(f"{final} is a file, not a run directory: choose another run.name")
+    entries = set(os.listdir(final))
+    if not entries or MARKER in entries or entries <= _RUN_NAMES:
+        return
+    others = ", ".join(sorted(entries - _RUN_NAMES)[:3])
+    raise NotARun(f"{final} is not a dyprag run (no {MARKER}; it holds {others}), so nothing "
+                  "is written into it: choose another run.name or run.root (a run of an older "
+                  f"dyprag: add an empty {MARKER})")
 
 
 class RunBusy(OSError):
     """Another process is writing the run."""
+
+
+@contextlib.contextmanager
+def reading(run: Path):
+    """Read the run for the ``with`` block: ``publish`` waits until no process reads it, and
+    this waits while one publishes, so a reader never sees a run half-replaced or missing
+    (a shared ``flock`` on ``.<name>.readers`` beside it). Where there is no run to read,
+    nothing is locked or made."""
+    run = _target(Path(run))
+    if not (run.exists() or _old(run).exists()):  # .old: between a publication's renames
+        yield
+        return
+    with _flock(_beside(run, "readers"), shared=True):
+        yield
+
+
+@contextlib.contextmanager
+def _flock(path: Path, shared: bool, waiting: str | None = None):
+    """Hold a ``flock`` on ``path`` (made when missing); blocks until it is granted, printing
+    ``waiting`` first when it has to wait."""
+    import fcntl
+
+    kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        if not shared:
+            raise
+        yield  # a run in a directory this user cannot write: nor can this user publish there
+        return
+    try:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(fd, kind)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _beside(run: Path, what: str) -> Path:
+    """``.<name>.<what>`` beside the run (where a symlinked run points)."""
+    run = _target(run)
+    run.parent.mkdir(parents=True, exist_ok=True)
+    return run.parent / f".{run.name}.{what}"
 
 
 @contextlib.contextmanager
@@ -86,9 +166,7 @@ def lock(run: Path):
     if os.environ.get("LOCAL_RANK", "0") != "0":
         yield
         return
-    path = run.parent / f".{run.name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(_beside(run, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -221,6 +299,7 @@ def begin(final: Path, rebuild: tuple[str, ...] = (), main_process: bool = True)
     if not main_process:
         attempt = _attempt(final)
         return attempt if attempt.exists() else final
+    refuse_non_run(final)
     recover(final)
     if not is_finished(final):
         out = final
@@ -230,6 +309,8 @@ def begin(final: Path, rebuild: tuple[str, ...] = (), main_process: bool = True)
             linked_copy(final, out, ignore=lambda d, names: [
                 n for n in names if Path(d) == final and n in DESCRIBES_THE_RUN])
     out.mkdir(parents=True, exist_ok=True)
+    if not (out / MARKER).is_file():
+        atomic_write_json(out / MARKER, {"format": MARKER})
     for stage in rebuild:
         for name in STAGE_PATHS[stage]:
             path = out / name
@@ -246,7 +327,10 @@ def publish(out: Path, final: Path) -> None:
     if out == final:
         return
     old = _old(final)
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(final, old)
-    os.replace(out, final)
-    shutil.rmtree(old)
+    with _flock(_beside(final, "readers"), shared=False,
+                waiting=f"[dyprag] waiting for the processes reading {final} (infer.py, "
+                        "evaluate.py) to end before replacing it"):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(out, final)
+        shutil.rmtree(old)

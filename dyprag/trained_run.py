@@ -13,6 +13,7 @@ injection), never a merge/unmerge per question.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -50,12 +51,17 @@ class TrainedRun:
         one (a run's own metadata only names it; loading what it names is the user's call)."""
         path = Path(path)
         try:
-            return cls._open(path, device, embedder)
+            with rundir.reading(path):  # never half-replaced by a rerun's publication
+                return cls._open(path, device, embedder)
         except Unreadable as err:
             stage = rundir.owning_stage(err.path, path)
-            raise RunError(f"{err}; make it again with `python train.py --config "
-                           f"{path / rundir.CONFIG} --rebuild {stage}`" if stage else str(err)
-                           ) from None
+            if stage is None:
+                raise RunError(str(err)) from None
+            # The run's config names where it was written; the hint acts on this directory.
+            command = shlex.join(["python", "train.py", "--config", str(path / rundir.CONFIG),
+                                  f"run.root={path.parent}", f"run.name={path.name}",
+                                  "--rebuild", stage])
+            raise RunError(f"{err}; make it again with `{command}`") from None
 
     @classmethod
     def _open(cls, path: Path, device: str | None, embedder: str | None) -> TrainedRun:

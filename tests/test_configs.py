@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dyprag.config import Config, dump, load_config, parse_override
+from dyprag.config import Config, Section, dump, load_config, parse_override
 from dyprag.world import load_schema
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -216,3 +219,35 @@ def test_a_bad_value_is_echoed_in_a_few_hundred_characters_at_most(tmp_path):
     with pytest.raises(ValueError, match="train.lr: must be float") as err:
         load_config(tmp_path / "bomb.yaml")
     assert len(str(err.value)) < 400 and "characters)" in str(err.value)
+
+
+def _bounded(config: Config):
+    """(section.field, value, upper bound) of every bounded number of ``config``."""
+    sections = [("", config)]
+    while sections:
+        prefix, section = sections.pop()
+        for name, (_, most) in type(section).RANGES.items():
+            yield f"{prefix}{name}", getattr(section, name), most
+        sections += [(f"{prefix}{f.name}.", getattr(section, f.name))
+                     for f in dataclasses.fields(section)
+                     if isinstance(getattr(section, f.name), Section)]
+
+
+def test_every_upper_bound_is_100x_what_any_config_or_bench_uses():
+    uses = [(str(p), load_config(p, complete=p not in BASES)) for p in RUNNABLE + BASES]
+    uses.append(("the defaults", Config()))
+    for script in sorted((CONFIGS.parent / "bench").glob("*.py")):  # their overrides: key=number
+        for key, value in re.findall(r"([a-z_]+(?:\.[a-z_]+)+)=(\d+)\b", script.read_text()):
+            uses.append((f"{script.name}: {key}={value}", load_config(None, [f"{key}={value}"])))
+    checked = 0
+    for where, config in uses:
+        for name, value, most in _bounded(config):
+            if value is not None and most != math.inf:
+                assert 100 * value <= most, f"{where}: {name}={value} is within 100x of {most}"
+                checked += 1
+    assert checked >= 40 * len(uses)  # every section, model.pretrain too
+
+
+def test_a_huge_size_is_refused_naming_the_bound():
+    with pytest.raises(ValueError, match=r"bank.rank: must be ≤ 4,096, got 800,000.*eval.batch_"):
+        load_config(None, ["bank.rank=800000", "eval.batch_size=10000000"])

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from torch.testing import assert_close
 import infer
 import train
 from dyprag.files import read_safetensors
-from dyprag.rundir import begin, publish
+from dyprag.rundir import MARKER, begin, publish
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +90,10 @@ def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(copy):
     train.main([*args, "train.lr=2e-3"])
     assert json.loads((run / "eval.json").read_text())["f1"].keys() == {"vanilla", "dyprag@1"}
     assert "lr: 0.002" in (run / "config.yaml").read_text()
-    # beside the run: only its writer lock (kept: removing a lock file races its next taker)
-    assert sorted(p.name for p in run.parent.iterdir()) == [f".{run.name}.lock", run.name]
+    # beside the run: only its writer and readers locks (kept: removing a lock file races its
+    # next taker)
+    assert sorted(p.name for p in run.parent.iterdir()) == [
+        f".{run.name}.lock", f".{run.name}.readers", run.name]
 
 
 def test_a_rerun_drops_the_reports_evaluate_wrote_on_the_run_it_replaces(copy):
@@ -105,6 +108,7 @@ def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
     final = tmp_path / "run"
     final.mkdir()
     (final / "eval.json").write_text("{}")
+    (final / MARKER).write_text("{}")
     (final / "a").write_text("old")
     out = begin(final)  # a rerun's staging copy: hard links, without the run's description
     assert out != final and not (out / "eval.json").exists()
@@ -119,7 +123,7 @@ def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
     os.replace(final, tmp_path / ".run.old")
     assert begin(final) != final and (final / "a").read_text() == "new"
     publish(begin(final, rebuild=("bank",)), final)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.readers", "run"]
 
 
 # ---- 3. a killed fit resumes exactly -----------------------------------------------------------
@@ -180,7 +184,9 @@ def test_a_truncated_translator_is_named_by_infer_and_rebuilt_by_train(copy, cap
     assert "--rebuild translator" in err, err
     exits_with_one_line(capsys, lambda: train.main(args), "translator.safetensors is unreadable",
                         "--rebuild translator")
-    train.main([*args, "--rebuild", "translator"])
+    hint = shlex.split(err.split("`")[1])  # the command infer.py prints, run as printed
+    assert hint[:2] == ["python", "train.py"], hint
+    train.main([*hint[2:], "eval.modes=[vanilla,dyprag@1]"])  # it rebuilds this copy
     assert infer.main(["--run", str(run), "--question", QUESTION]) == 0
 
 

@@ -251,10 +251,12 @@ def test_ddp_with_two_cpu_processes(run):
         meta["fingerprint"]
 
 
-def test_a_torchrun_launch_is_refused(monkeypatch):
+def test_a_torchrun_launch_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    with pytest.raises(SystemExit, match="not torchrun"):
+    with pytest.raises(SystemExit) as exit_:
         train.main([])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "not torchrun" in err[0], err
 
 
 def test_bad_overrides_exit_2_with_one_line_naming_the_fields(capsys):
