@@ -75,13 +75,13 @@ def _run(args) -> int:
     from dyprag.trained_run import TrainedRun
 
     path = args.run or rundir.latest_run()
-    with rundir.reading(path):  # a rerun publishing meanwhile waits until the reports are out
+    # Writing into the run (its eval/): not while train.py rewrites it, refused before the
+    # model loads. Reading it: a rerun publishing meanwhile waits until the reports are out.
+    writing = rundir.lock(path) if args.out is None and path.is_dir() else contextlib.nullcontext()
+    with writing, rundir.reading(path):
         run = TrainedRun.open(path, embedder=args.embedder)
         args.modes = args.modes or run.config.eval.modes
-        out = args.out or run.path / rundir.REPORTS
-        # Writing into the run: not while train.py rewrites it.
-        with rundir.lock(run.path) if args.out is None else contextlib.nullcontext():
-            return _evaluate(args, run, out)
+        return _evaluate(args, run, args.out or run.path / rundir.REPORTS)
 
 
 def _evaluate(args, run, out: Path) -> int:

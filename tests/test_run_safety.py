@@ -5,6 +5,7 @@ shared tiny run."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -371,8 +372,9 @@ def test_the_embedder_cuts_a_huge_passage_before_tokenizing(monkeypatch):
     assert_close(embedder.encode(passages), cut)
 
 
-def test_a_second_writer_of_a_run_exits_2_naming_the_first(tmp_path, capsys):
-    run = tmp_path / "runs" / "busy"
+@contextlib.contextmanager
+def writer_of(run: Path):
+    """Another process holding ``run``'s writer lock for the ``with`` block; yields its pid."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from pathlib import Path; "
          "from dyprag.rundir import lock\nwith lock(Path(sys.argv[1])):\n"
@@ -380,13 +382,33 @@ def test_a_second_writer_of_a_run_exits_2_naming_the_first(tmp_path, capsys):
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        err = exits_with_one_line(capsys, lambda: train.main(
-            [f"run.root={run.parent}", "run.name=busy"]), f"process {holder.pid}", str(run))
-        assert "is being written" in err
-        assert not run.exists()  # nothing written
+        yield holder.pid
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_second_writer_of_a_run_exits_2_naming_the_first(tmp_path, capsys):
+    run = tmp_path / "runs" / "busy"
+    with writer_of(run) as pid:
+        err = exits_with_one_line(capsys, lambda: train.main(
+            [f"run.root={run.parent}", "run.name=busy"]), f"process {pid}", str(run))
+        assert "is being written" in err
+        assert not run.exists()  # nothing written
     from dyprag.rundir import lock  # free again once the holder is gone
     with lock(run):
         assert (run.parent / ".busy.lock").read_text() == str(os.getpid())
+
+
+def test_evaluate_writing_into_a_run_being_written_exits_2_before_loading_it(copy, capsys,
+                                                                            monkeypatch):
+    import evaluate
+    from dyprag.trained_run import TrainedRun
+
+    _, run = copy
+    monkeypatch.setattr(TrainedRun, "open", lambda *a, **kw: pytest.fail("the run was opened"))
+    with writer_of(run) as pid:
+        assert evaluate.main(["--run", str(run), "--limit", "1", "--no-wandb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"being written by process {pid}" in err, err
+    assert not (run / "eval").exists()
