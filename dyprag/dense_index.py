@@ -30,7 +30,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -41,6 +40,17 @@ INDEX_FILE, IDS_FILE, META = "index.faiss", "ids.txt", "meta.json"
 _ADD_CHUNK = 65_536  # rows copied from a memmap into RAM per faiss.add call
 _SEARCH_BATCH = 4_096  # queries per faiss.search call, bounding the (Q, k) buffers
 _TORCH_SCORES = 1 << 28  # float32 entries of the (Q_batch, N) score matrix on the GPU path (1 GiB)
+
+
+def _faiss():
+    """The faiss module, imported when a dense index is built or read (a BM25-only job, on a
+    machine without faiss, never needs it)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError("the dense index needs faiss: pip install faiss-cpu (or a faiss GPU "
+                          "build), or retrieve with index.method=bm25") from None
+    return faiss
 
 
 def write_ids(path: Path, ids: list[str]) -> None:
@@ -119,6 +129,7 @@ class DenseIndex:
         set through ``faiss.ParameterSpace`` and recorded in meta.json. ``meta`` should hold
         ``embedder`` and ``corpus_fingerprint`` so that ``load`` can check them.
         """
+        faiss = _faiss()
         if embeddings.ndim != 2:
             raise ValueError(f"embeddings must be (N, d), got shape {embeddings.shape}")
         n, d = embeddings.shape
@@ -142,6 +153,7 @@ class DenseIndex:
 
     def set_search_parameter(self, name: str, value: float) -> None:
         """Change e.g. ``nprobe`` (IVF) or ``efSearch`` (HNSW) for later searches and saves."""
+        faiss = _faiss()
         faiss.ParameterSpace().set_index_parameter(self.index, name, value)
         if self._gpu_index is not None:
             faiss.GpuParameterSpace().set_index_parameter(self._gpu_index, name, value)
@@ -189,6 +201,7 @@ class DenseIndex:
         return np.concatenate(scores), np.concatenate(labels).astype(np.int64)
 
     def _place_on_gpu(self, required: bool) -> None:
+        faiss = _faiss()
         if faiss.get_num_gpus() > 0:
             try:
                 self._gpu_index = faiss.index_cpu_to_all_gpus(self.index)
@@ -209,6 +222,7 @@ class DenseIndex:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write index.faiss, ids.txt and meta.json (last) to directory ``path``."""
+        faiss = _faiss()
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         (out / META).unlink(missing_ok=True)
@@ -223,6 +237,7 @@ class DenseIndex:
              corpus_fingerprint: str | None = None, use_gpu: bool | None = None) -> DenseIndex:
         """Read a directory written by ``save``; with ``embedder`` / ``corpus_fingerprint``,
         refuse (ValueError) an index built with another embedder or from another corpus."""
+        faiss = _faiss()
         src = Path(path)
         meta = read_json(src / META)
         if meta.get("format") != FORMAT:

@@ -1,5 +1,5 @@
-"""Question sets: read 2WikiMultihopQA, HotpotQA, PopQA, ComplexWebQuestions or generic jsonl
-into one example type, and write the generic jsonl.
+"""Question sets: read 2WikiMultihopQA, HotpotQA, PopQA, ComplexWebQuestions, generic or
+FlashRAG jsonl into one example type, and write the generic jsonl.
 
     >>> from dyprag.qa import load_qa, write_qa_jsonl
     >>> examples = load_qa("data/2wikimultihopqa/dev.json", limit=300)  # + id_aliases.json
@@ -19,6 +19,9 @@ Native files and where the answers come from:
     popqa     popQA.tsv (tab-separated)   obj + possible_answers (a Python-literal list)
     cwq       ComplexWebQuestions_*.json  answers[*].answer, then answers[*].aliases
     jsonl     *.jsonl                     {"id", "question", "answers": [...], "meta": {...}}
+    flashrag  *.jsonl (FlashRAG's)        {"id", "question", "golden_answers": [...],
+                                          "metadata": {...}}: the Hugging Face dataset
+                                          RUC-NLPIR/FlashRAG_datasets (named, never detected)
 
 jsonl and tsv files are read line by line, so ``limit`` stops early; the JSON lists are read
 whole (the standard library has no streaming JSON parser) and cut to ``limit`` before
@@ -39,7 +42,7 @@ from typing import Any
 
 from dyprag.files import atomic_write_jsonl, iter_json_lines
 
-FORMATS = ("2wqa", "hotpotqa", "popqa", "cwq", "jsonl")
+FORMATS = ("2wqa", "hotpotqa", "popqa", "cwq", "jsonl", "flashrag")
 ALIASES_FILE = "id_aliases.json"
 # Left out of meta: 2WQA / HotpotQA passages are most of the file, and dyprag retrieves its own.
 _DROPPED = {"context"}
@@ -319,8 +322,28 @@ def load_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[QAExam
     return _collect(examples(), src, limit)
 
 
+def load_flashrag(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
+    """FlashRAG's jsonl (the Hugging Face dataset ``RUC-NLPIR/FlashRAG_datasets``): answers
+    from ``golden_answers``, meta from ``metadata``. A missing id becomes the line number."""
+    src = _check_path(path)
+    _check_limit(limit)
+
+    def examples() -> Iterator[QAExample]:
+        for lineno, obj in _iter_jsonl(src):
+            where = f"{src}:{lineno}" + ("" if obj.get("id") is None else f" (id {obj['id']!r})")
+            if "golden_answers" not in obj:
+                raise QAFormatError(f"{where} has no golden_answers (not FlashRAG's format)")
+            metadata = obj.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise QAFormatError(f"{where}: metadata must be a JSON object")
+            yield QAExample(str(obj.get("id", lineno)), _question(obj.get("question"), where),
+                            _answers(_as_list(obj["golden_answers"]), where), dict(metadata))
+
+    return _collect(examples(), src, limit)
+
+
 _LOADERS = {"2wqa": load_2wqa, "hotpotqa": load_hotpotqa, "popqa": load_popqa, "cwq": load_cwq,
-            "jsonl": load_jsonl}
+            "jsonl": load_jsonl, "flashrag": load_flashrag}
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -109,3 +112,13 @@ def test_hits_to_ids():
     scores = np.array([[0.9, 0.5], [0.7, 0.1]], dtype=np.float32)
     assert hits_to_ids(np.array([[2, 0], [1, -1]]), scores, ids) == [["c", "a"], ["b"]]
     assert scores[1, 1] == -np.inf
+
+
+def test_without_faiss_the_pipeline_imports_and_a_dense_index_names_the_fix():
+    code = ("import sys; sys.modules['faiss'] = None\n"  # as on a machine without faiss
+            "import numpy as np, train, dyprag.pipeline\n"
+            "from dyprag.dense_index import DenseIndex\n"
+            "try:\n    DenseIndex.build(np.eye(2, dtype=np.float32), ['a', 'b'])\n"
+            "except ImportError as err:\n    print(err)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "needs faiss: pip install faiss-cpu" in out.stdout and "index.method=bm25" in out.stdout

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from dyprag.config import load_config
 from dyprag.qa import (
     QAExample,
     QAFormatError,
@@ -158,6 +159,30 @@ def test_jsonl_lenient_fields(tmp_path):
     path = _jsonl(tmp_path / "qa.jsonl", [{"question": "Q?", "answer": "A", "source": "x"}])
     (tmp_path / "qa.jsonl").write_text(path.read_text() + "\n")  # blank lines are skipped
     assert load_qa(path) == [QAExample("1", "Q?", ["A"], {"source": "x"})]
+
+
+FLASHRAG = [
+    {"id": "dev_0", "question": "Who directed X?", "golden_answers": ["Ann Lee", " Ann ", "Ann Lee"],
+     "metadata": {"type": "compositional", "supporting_facts": {"title": ["X"]}}},
+    {"id": "dev_1", "question": "Where is the tower?", "golden_answers": "Paris"},
+]
+
+
+def test_flashrag_jsonl_is_read_when_named(tmp_path):
+    path = _jsonl(tmp_path / "dev.jsonl", FLASHRAG)
+    assert load_qa(path, fmt="flashrag") == [
+        QAExample("dev_0", "Who directed X?", ["Ann Lee", "Ann"],
+                  {"type": "compositional", "supporting_facts": {"title": ["X"]}}),
+        QAExample("dev_1", "Where is the tower?", ["Paris"], {}),
+    ]
+    assert load_config(overrides=["data.qa_format=flashrag"]).data.qa_format == "flashrag"
+    # By its name it is generic jsonl, which has no golden_answers field: the format is named.
+    assert detect_format(path) == "jsonl"
+    with pytest.raises(QAFormatError, match=r"dev\.jsonl:1 \(id 'dev_0'\) has no answer"):
+        load_qa(path)
+    generic = _jsonl(tmp_path / "qa.jsonl", [{"id": "x", "question": "Q?", "answers": ["A"]}])
+    with pytest.raises(QAFormatError, match="has no golden_answers .not FlashRAG's format"):
+        load_qa(generic, fmt="flashrag")
 
 
 def test_write_refuses_nothing(tmp_path):
