@@ -30,12 +30,20 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)
 	$(PY) train.py
 
+# Tests run in a random order (pytest-randomly), so none can lean on another's leftovers; the
+# order's seed is printed first: `make test SEED=N` repeats an order.
+ifeq ($(origin SEED), undefined)
+SEED := $(shell echo $$RANDOM)
+endif
+
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	@echo "test order: SEED=$(SEED)"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q --randomly-seed=$(SEED)
 
 # The edit loop: every test not marked slow (no end-to-end train.py runs).
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	@echo "test order: SEED=$(SEED)"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow" --randomly-seed=$(SEED)
 
 bench: $(STAMP)
 	$(PY) bench/lora_overhead.py

@@ -10,7 +10,7 @@ F1 with an irrelevant document and the mean cosine of the generated ΔW across d
 ``report.json`` (also F1 by mode and fact where the questions name their facts: the world's),
 ``predictions.jsonl`` (one line per dataset × question × mode: question, gold answers,
 retrieved ids, prediction, EM, F1, acc), ``f1.png`` (F1 by mode, a bar per dataset), and logs the
-grid as a table to a W&B run in the run directory (offline unless W&B is configured;
+grid as a table to a W&B run under the report directory (offline unless W&B is configured;
 ``--no-wandb`` to skip). Latency is the batched wall time per question, LoRA building and
 injection included. Errors print one line on stderr and exit with code 2.
 """
@@ -128,7 +128,7 @@ def _evaluate(args, run, out: Path) -> int:
     atomic_write_jsonl(out / "predictions.jsonl", predictions)
     plot(grid, args.modes, out / "f1.png")
     if not args.no_wandb:
-        log_wandb(run, grid, args.modes, dependence)
+        log_wandb(run, out, grid, args.modes, dependence)
     print(report)
     print(f"wrote {out}/report.md, report.json, predictions.jsonl, f1.png", file=sys.stderr)
     return 0
@@ -138,7 +138,8 @@ def _progress(dataset: str, mode: str, scores: dict) -> None:
     print(f"{dataset} {mode}: F1 {scores['f1']:.3f}  acc {scores['acc']:.3f}", file=sys.stderr)
 
 
-def log_wandb(run, grid: dict, modes: list[str], dependence: dict) -> None:
+def log_wandb(run, out: Path, grid: dict, modes: list[str], dependence: dict) -> None:
+    """The grid as a W&B table, its W&B files under the report directory ``out``."""
     import wandb
 
     from dyprag.loggers import wandb_mode
@@ -147,7 +148,7 @@ def log_wandb(run, grid: dict, modes: list[str], dependence: dict) -> None:
     if mode == "disabled":
         return
     with wandb.init(project=w.project, name=f"{w.name or run.config.run.name}-eval",
-                    dir=str(run.path), mode=mode, job_type="eval") as wb:
+                    dir=str(out), mode=mode, job_type="eval") as wb:
         columns = ["dataset", "mode", "em", "f1", "acc", "ms_per_question"]
         rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["acc"], s[m]["ms_per_question"]]
                 for name, s in grid.items() for m in modes]

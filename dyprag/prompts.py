@@ -42,7 +42,6 @@ def qa_prompt(question: str, passages: Sequence[str] = ()) -> str:
     return f"{passage_context(passages)}Question: {question} Answer:"
 
 
-FORMATS = PROMPT_FORMATS
 PRAG_INSTRUCTION = ("You should answer the question by referring to the knowledge provided "
                     "below and integrating your own knowledge.")
 SHORT_ANSWER = ("Answer the question with a short phrase only: a name, a place, a date or a "
@@ -51,15 +50,15 @@ SHORT_ANSWER = ("Answer the question with a short phrase only: a name, a place, 
 
 @dataclass(frozen=True)
 class PromptFormat:
-    """How a run asks questions and reads answers: ``kind`` is one of ``FORMATS``; ``chat``
+    """How a run asks questions and reads answers: ``kind`` is one of ``config.PROMPT_FORMATS``; ``chat``
     needs a tokenizer with a chat template."""
 
     kind: str = "plain"
     tokenizer: Any = None
 
     def __post_init__(self) -> None:
-        if self.kind not in FORMATS:
-            raise ValueError(f"prompt format must be one of {FORMATS}, got {self.kind!r}")
+        if self.kind not in PROMPT_FORMATS:
+            raise ValueError(f"prompt format must be one of {PROMPT_FORMATS}, got {self.kind!r}")
         if self.kind == "chat" and not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("prompt format 'chat' needs a tokenizer with a chat template "
                              "(this one has none: use prompt.format=plain)")
@@ -93,7 +92,7 @@ PLAIN = PromptFormat()
 
 
 def prompt_format(tokenizer, choice: str = "auto") -> PromptFormat:
-    """``choice`` (``auto``, or one of ``FORMATS``) for ``tokenizer``: ``auto`` is ``chat``
+    """``choice`` (``auto``, or one of ``PROMPT_FORMATS``) for ``tokenizer``: ``auto`` is ``chat``
     when the tokenizer has a chat template, else ``plain``."""
     if choice == "auto":
         choice = "chat" if getattr(tokenizer, "chat_template", None) else "plain"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -69,35 +71,60 @@ TINY_RUN_MODES = ["vanilla", "rag@1", "prag@1", "dyprag@1", "dyprag@3", "dyprag+
 
 
 def tiny_run_config(tmp: Path) -> Path:
-    """A run config over a world of 30 + 12 + 6 people and a 2-layer base model."""
+    """A run config over a world of 30 + 12 + 6 people and a 2-layer base model, whose
+    answers are not empty and differ between modes (so tests that compare answers can fail)."""
     schema = yaml.safe_load((ROOT / "configs" / "world.yaml").read_text())
     schema["splits"] = {"pretrain": 30, "train": 12, "test": 6}
     (tmp / "world.yaml").write_text(yaml.safe_dump(schema))
     config = {
         "run": {"name": "tiny", "root": str(tmp / "checkpoints")},
         "data": {"world": str(tmp / "world.yaml"), "extra_docs": 24},
-        "model": {"pretrain": {"reading_single": 100, "reading_multi": 60, "hidden_size": 32,
+        "model": {"pretrain": {"reading_single": 100, "reading_multi": 60, "hidden_size": 64,
                                "num_hidden_layers": 2, "num_attention_heads": 4,
-                               "intermediate_size": 48, "warmup_steps": 5}},
+                               "intermediate_size": 96, "warmup_steps": 5, "lr": 1e-2}},
         "bank": {"epochs": 2, "docs_per_step": 8},
         "train": {"epochs": 2, "batch_size": 8, "warmup_steps": 2},
-        "eval": {"modes": TINY_RUN_MODES, "samples": 3},
+        "eval": {"modes": TINY_RUN_MODES, "samples": 12},
         "wandb": {"mode": "offline"},
     }
     (tmp / "run.yaml").write_text(yaml.safe_dump(config))
     return tmp / "run.yaml"
 
 
+def run_files(run: Path) -> dict[str, str]:
+    """Every file of a run by its relative path → sha256 of its bytes."""
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file() and not p.is_symlink()}
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
-    """(config path, run directory) of ``train.py`` on a world of 30 + 12 + 6 people."""
+    """(config path, run directory) of ``train.py`` on a world of 30 + 12 + 6 people, shared
+    by the session: read it only (a test that trains or changes a run takes ``own_run``).
+    At the session's end its files must be as they were made."""
     import train
 
     tmp = tmp_path_factory.mktemp("train")
     config = tiny_run_config(tmp)
     with (tmp / "train.stdout").open("w") as f, contextlib.redirect_stdout(f):
         train.main(["--config", str(config)])
-    return config, tmp / "checkpoints" / "tiny"
+    run = tmp / "checkpoints" / "tiny"
+    made = run_files(run)
+    yield config, run
+    changed = sorted(k for k in made.keys() | run_files(run).keys()
+                     if made.get(k) != run_files(run).get(k))
+    assert not changed, f"a test changed the shared tiny run (use own_run): {changed[:5]}"
+
+
+@pytest.fixture
+def own_run(tiny_run, tmp_path, monkeypatch):
+    """(train.py arguments that rerun it, run directory) of a private copy of the tiny run."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config, out = tiny_run
+    mine = tmp_path / "checkpoints" / out.name
+    shutil.copytree(out, mine, symlinks=True)
+    return ["--config", str(config), f"run.root={mine.parent}",
+            "eval.modes=[vanilla,dyprag@1]"], mine
 
 
 @pytest.fixture(scope="session")

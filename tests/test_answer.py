@@ -78,11 +78,15 @@ def test_dyprag_knowledge_is_the_sum_of_each_documents_generated_delta():
 def test_answers_in_dyprag_mode_use_each_questions_own_lora():
     model, tokenizer, translator, table = setup()
     knowledge = Knowledge(PASSAGES, translator=translator, embeddings=table)
-    got = answer(model, tokenizer, "dyprag@1", QUESTIONS, HITS, knowledge, batch_size=1)
-    for q, docs in enumerate(HITS):
-        alone = generate_answers(model, tokenizer, [qa_prompt(QUESTIONS[q])],
-                                 lora=translator(table.get(docs[:1])).detach()[0])
-        assert got[q] == alone[0]
+    got = answer(model, tokenizer, "dyprag@1", QUESTIONS, HITS, knowledge, batch_size=2)
+
+    def alone(question: str, doc: str) -> str:
+        return generate_answers(model, tokenizer, [qa_prompt(question)],
+                                lora=translator(table.get([doc])).detach()[0])[0]
+
+    assert got == [alone(q, docs[0]) for q, docs in zip(QUESTIONS, HITS)]
+    # the documents' LoRAs answer differently, so a batch that swapped them would show
+    assert got != [alone(q, docs[0]) for q, docs in zip(QUESTIONS, HITS[::-1])]
 
 
 def test_modes_without_their_knowledge_are_refused():

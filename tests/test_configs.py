@@ -97,12 +97,11 @@ def test_nested_sections_are_checked_like_the_others():
 
 
 def test_modules_take_their_choices_from_the_config():
-    from dyprag import retrieval, translator
-    from dyprag.config import IndexConfig, TranslatorConfig, choices
+    from dyprag import translator
+    from dyprag.config import TranslatorConfig, choices
 
     assert translator.ARCHITECTURES == choices(TranslatorConfig, "architecture") == (
         "per_layer", "shared", "linear", "attention")
-    assert retrieval.METHODS == choices(IndexConfig, "method")
 
 
 def test_a_token_list_is_read_by_the_token_translators_and_by_them_alone():

@@ -28,21 +28,31 @@ def questions(tiny_run):
     return [qa.question for qa in load_qa(out / "world" / "qa_test.jsonl", limit=4)]
 
 
-@pytest.mark.parametrize("mode", TINY_RUN_MODES)
-def test_every_mode_answers_as_the_runs_evaluation_did(tiny_run, questions, mode, capsys):
-    """infer.py's answer to the first test question is the one train.py's evaluation gave
-    in that mode (eval.json's first sample): another path (batched, the run still in memory)."""
+@pytest.fixture(scope="module")
+def telling_sample(tiny_run) -> dict:
+    """The first of eval.json's sample questions whose answers differ between modes (one with
+    a non-empty answer), so that an answer taken from the wrong mode would show."""
     _, out = tiny_run
-    sample = json.loads((out / "eval.json").read_text())["samples"][0]
-    assert sample["question"] == questions[0]
+    samples = json.loads((out / "eval.json").read_text())["samples"]
+    telling = [s for s in samples if len({s[m] for m in TINY_RUN_MODES}) > 1]
+    assert telling, "the tiny run answers every sample question alike in every mode"
+    return telling[0]
+
+
+@pytest.mark.parametrize("mode", TINY_RUN_MODES)
+def test_every_mode_answers_as_the_runs_evaluation_did(tiny_run, telling_sample, mode, capsys):
+    """infer.py's answer to a test question is the one train.py's evaluation gave in that
+    mode (eval.json's sample): another path (batched, the run still in memory)."""
+    _, out = tiny_run
+    sample, question = telling_sample, telling_sample["question"]
     name, _, k = mode.partition("@")
-    code = infer.main(["--run", str(out), "--question", questions[0], "--mode", name, "--json",
+    code = infer.main(["--run", str(out), "--question", question, "--mode", name, "--json",
                        "--k", k or "1"])
     captured = capsys.readouterr()
     assert code == 0, captured.err  # prag: the top-1 test documents are in bank-eval/
     row = json.loads(captured.out.strip().splitlines()[-1])
     assert set(row) == {"question", "mode", "answer", "passages"}
-    assert (row["question"], row["mode"]) == (questions[0], mode)
+    assert (row["question"], row["mode"]) == (question, mode)
     assert row["answer"] == sample[mode] and "\n" not in row["answer"]
     assert len(row["passages"]) == int(k or 1)
     assert all({"id", "score", "text"} == set(p) and p["text"].strip() for p in row["passages"])
@@ -71,6 +81,7 @@ def test_batched_answers_equal_one_at_a_time(tiny_run, questions):
     batched = run.answer(questions, hits, "dyprag+rag@3", batch_size=len(questions))
     alone = [run.answer([q], [h], "dyprag+rag@3")[0] for q, h in zip(questions, hits)]
     assert batched == alone
+    assert len(set(alone)) > 1  # the questions' answers differ: a mixed-up batch would show
 
 
 def test_a_questions_file_skips_malformed_lines(tiny_run, questions, tmp_path, capsys):
@@ -141,7 +152,7 @@ def test_evaluate_writes_the_grid_predictions_plot_and_wandb_run(tiny_run, tmp_p
     dependence = report["document_dependence"]["qa_test"]  # 12 questions: 2 people at least
     assert 0 <= dependence["dyprag_irrelevant"] <= 1 and -1 <= dependence["delta_cosine"] <= 1
     assert f"| qa_test | {dependence['dyprag_irrelevant']:.3f} |" in (tmp_path / "report.md").read_text()
-    assert list(out.glob("wandb/offline-run-*/files/media/table/eval/grid_*.table.json"))
+    assert list(tmp_path.glob("wandb/offline-run-*/files/media/table/eval/grid_*.table.json"))
 
 
 def test_evaluate_limit_stays_within_the_test_questions(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dyprag.config import PROMPT_FORMATS
-from dyprag.prompts import FORMATS, PLAIN, PRAG_INSTRUCTION, PromptFormat, prompt_format, qa_prompt
+from dyprag.prompts import PLAIN, PRAG_INSTRUCTION, PromptFormat, prompt_format, qa_prompt
 from dyprag.world_base import build_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -57,5 +57,7 @@ def test_auto_is_chat_exactly_when_the_tokenizer_has_a_template(tokenizer):
         PromptFormat("json", tokenizer)
 
 
-def test_config_offers_the_same_formats():
-    assert PROMPT_FORMATS == FORMATS
+def test_every_format_the_config_offers_asks_in_its_own_way(tokenizer):
+    tokenizer.chat_template = TEMPLATE
+    prompts = {kind: PromptFormat(kind, tokenizer).prompt("Where?", ["P1"]) for kind in PROMPT_FORMATS}
+    assert len(set(prompts.values())) == len(PROMPT_FORMATS) >= 2, prompts

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from retrieval_corpus import BM25_QUESTIONS, DENSE_QUESTIONS, PASSAGES, minilm
 
+from dyprag.config import IndexConfig, choices
 from dyprag.corpus import Passage, write_corpus_jsonl
 from dyprag.embed import Embedder
 from dyprag.retrieval import Retriever, build_retriever, load_retriever
@@ -106,6 +107,13 @@ def test_an_embedder_named_only_by_the_index_is_never_loaded(embedder, corpus, t
     with pytest.raises(LookupError):  # named by the user: loaded
         load_retriever(tmp_path / "index", "/shared/evil-model")
     assert loaded == ["/shared/evil-model"]
+
+
+@pytest.mark.parametrize("method", choices(IndexConfig, "method"))
+def test_every_method_the_config_offers_retrieves(embedder, corpus, tmp_path, method):
+    retriever = build_retriever(corpus, tmp_path / "index", method, embedder=embedder,
+                                show_progress=False)
+    assert top1(retriever, BM25_QUESTIONS) == list(BM25_QUESTIONS.values())
 
 
 def test_bad_method(corpus, tmp_path):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import gzip
-import hashlib
 import json
 import os
 import shlex
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_files
 from torch.testing import assert_close
 
 import infer
@@ -29,21 +29,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Where was Nerys Northcott born?"
 
-
-@pytest.fixture
-def copy(tiny_run, tmp_path, monkeypatch):
-    """(train.py arguments that rerun it, run directory) of a private copy of the tiny run."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    config, out = tiny_run
-    mine = tmp_path / "checkpoints" / out.name
-    shutil.copytree(out, mine, symlinks=True)
-    return ["--config", str(config), f"run.root={mine.parent}", "eval.modes=[vanilla,dyprag@1]"], mine
-
-
-def snapshot(run: Path) -> dict[str, str]:
-    """Every file of a run by its relative path → content hash."""
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(run.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 def metrics_rows(run: Path) -> list[dict]:
@@ -65,8 +50,8 @@ def exits_with_one_line(capsys, call, *needles: str) -> str:
 
 
 # ---- 1. a rerun keeps the logs -----------------------------------------------------------------
-def test_a_rerun_adds_a_log_version_and_keeps_every_earlier_row(copy):
-    args, run = copy
+def test_a_rerun_adds_a_log_version_and_keeps_every_earlier_row(own_run):
+    args, run = own_run
     before = {p: p.read_bytes() for p in (run / "logs").rglob("*.csv")}
     rows = len(metrics_rows(run))
     assert rows > 5  # the fit's loss, lr and validation rows
@@ -77,17 +62,17 @@ def test_a_rerun_adds_a_log_version_and_keeps_every_earlier_row(copy):
 
 
 # ---- 2. a failed rerun leaves the finished run as it was ---------------------------------------
-def test_a_failed_rerun_leaves_the_finished_run_answering(copy, capsys):
-    args, run = copy
-    before = snapshot(run)
+def test_a_failed_rerun_leaves_the_finished_run_answering(own_run, capsys):
+    args, run = own_run
+    before = run_files(run)
     exits_with_one_line(capsys, lambda: train.main([*args, f"model.name={run}/no-such-model"]),
                         "no-such-model")
-    assert snapshot(run) == before
+    assert run_files(run) == before
     assert infer.main(["--run", str(run), "--question", QUESTION]) == 0  # still answers
 
 
-def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(copy):
-    args, run = copy
+def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(own_run):
+    args, run = own_run
     train.main([*args, "train.lr=2e-3"])
     assert json.loads((run / "eval.json").read_text())["f1"].keys() == {"vanilla", "dyprag@1"}
     assert "lr: 0.002" in (run / "config.yaml").read_text()
@@ -97,8 +82,8 @@ def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(copy):
         f".{run.name}.lock", f".{run.name}.readers", run.name]
 
 
-def test_a_rerun_drops_the_reports_evaluate_wrote_on_the_run_it_replaces(copy):
-    args, run = copy
+def test_a_rerun_drops_the_reports_evaluate_wrote_on_the_run_it_replaces(own_run):
+    args, run = own_run
     (run / "eval").mkdir()
     (run / "eval" / "report.md").write_text("| old translator | 0.9 |\n")
     train.main([*args, "train.lr=2e-3"])
@@ -176,8 +161,8 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-def test_a_truncated_translator_is_named_by_infer_and_rebuilt_by_train(copy, capsys):
-    args, run = copy
+def test_a_truncated_translator_is_named_by_infer_and_rebuilt_by_train(own_run, capsys):
+    args, run = own_run
     truncate(run / "translator" / "translator.safetensors")
     assert infer.main(["--run", str(run), "--question", QUESTION]) == 2
     err = capsys.readouterr().err.strip()
@@ -191,8 +176,8 @@ def test_a_truncated_translator_is_named_by_infer_and_rebuilt_by_train(copy, cap
     assert infer.main(["--run", str(run), "--question", QUESTION]) == 0
 
 
-def test_a_truncated_bank_shard_is_named_with_the_stage_to_rebuild(copy, capsys):
-    args, run = copy
+def test_a_truncated_bank_shard_is_named_with_the_stage_to_rebuild(own_run, capsys):
+    args, run = own_run
     shard = sorted((run / "bank").glob("*.safetensors"))[0]
     truncate(shard)
     exits_with_one_line(capsys, lambda: train.main([*args, "train.lr=2e-3"]), shard.name,
@@ -201,10 +186,10 @@ def test_a_truncated_bank_shard_is_named_with_the_stage_to_rebuild(copy, capsys)
     assert read_safetensors(run / "bank" / shard.name)
 
 
-def test_a_truncated_resume_checkpoint_starts_the_fit_over(copy, capsys, monkeypatch):
+def test_a_truncated_resume_checkpoint_starts_the_fit_over(own_run, capsys, monkeypatch):
     from dyprag import fit, pipeline
 
-    args, run = copy
+    args, run = own_run
     fit = fit.fit_translator
 
     class Crash(Exception):
@@ -227,8 +212,8 @@ def test_a_truncated_resume_checkpoint_starts_the_fit_over(copy, capsys, monkeyp
     assert "lr: 0.002" in (run / "config.yaml").read_text()
 
 
-def test_a_corrupt_meta_json_is_named(copy, capsys):
-    _, run = copy
+def test_a_corrupt_meta_json_is_named(own_run, capsys):
+    _, run = own_run
     (run / "translator" / "meta.json").write_text("{not json")
     assert infer.main(["--run", str(run), "--question", QUESTION]) == 2
     err = capsys.readouterr().err.strip()
@@ -236,12 +221,12 @@ def test_a_corrupt_meta_json_is_named(copy, capsys):
 
 
 # ---- 6. a diverged fit stops and the previous translator stays --------------------------------
-def test_an_exploding_fit_stops_with_one_line_and_keeps_the_translator(copy, capsys):
-    args, run = copy
-    before = snapshot(run)
+def test_an_exploding_fit_stops_with_one_line_and_keeps_the_translator(own_run, capsys):
+    args, run = own_run
+    before = run_files(run)
     exits_with_one_line(capsys, lambda: train.main([*args, "train.lr=1e6"]),
                         "diverged at step", "train.lr=1e+06")
-    assert snapshot(run) == before
+    assert run_files(run) == before
 
 
 # ---- 7. bad input to train.py is one line; so is a non-UTF-8 question -------------------------
@@ -305,8 +290,8 @@ socket.getaddrinfo = refuse
 """
 
 
-def test_evaluate_makes_no_network_lookup_with_wandb_offline(copy, tmp_path):
-    _, run = copy
+def test_evaluate_makes_no_network_lookup_with_wandb_offline(own_run, tmp_path):
+    _, run = own_run
     spy, log = tmp_path / "spy", tmp_path / "lookups.txt"
     spy.mkdir()
     (spy / "sitecustomize.py").write_text(SPY.format(log=str(log)))
@@ -315,7 +300,7 @@ def test_evaluate_makes_no_network_lookup_with_wandb_offline(copy, tmp_path):
                            "--limit", "3"], capture_output=True, text=True, cwd=ROOT,
                           env={**env, "PYTHONPATH": str(spy), "HF_HUB_OFFLINE": "1"}, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert list(run.glob("wandb/offline-run-*"))  # W&B did run, offline
+    assert list(run.glob("eval/wandb/offline-run-*"))  # W&B did run, offline, beside the report
     assert not log.exists(), log.read_text()
 
 
@@ -400,12 +385,12 @@ def test_a_second_writer_of_a_run_exits_2_naming_the_first(tmp_path, capsys):
         assert (run.parent / ".busy.lock").read_text() == str(os.getpid())
 
 
-def test_evaluate_writing_into_a_run_being_written_exits_2_before_loading_it(copy, capsys,
+def test_evaluate_writing_into_a_run_being_written_exits_2_before_loading_it(own_run, capsys,
                                                                             monkeypatch):
     import evaluate
     from dyprag.trained_run import TrainedRun
 
-    _, run = copy
+    _, run = own_run
     monkeypatch.setattr(TrainedRun, "open", lambda *a, **kw: pytest.fail("the run was opened"))
     with writer_of(run) as pid:
         assert evaluate.main(["--run", str(run), "--limit", "1", "--no-wandb"]) == 2

@@ -98,7 +98,7 @@ def test_eval_json_has_f1_by_mode_and_fact(run):
 
 
 def test_csv_log_holds_every_term_and_the_eval(run):
-    _, out = run
+    config, out = run
     first = out / "logs" / "version_0"  # the first attempt's: its fit and its eval
     with (first / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -111,7 +111,8 @@ def test_csv_log_holds_every_term_and_the_eval(run):
         assert logged == pytest.approx(read_json(out / "eval.json")[score], abs=1e-6), score
     with (first / "samples.csv").open() as f:
         samples = list(csv.DictReader(f))
-    assert len(samples) == 3 and set(samples[0]) == {"question", "gold", *MODES}
+    assert len(samples) == load_config(config).eval.samples
+    assert set(samples[0]) == {"question", "gold", *MODES}
 
 
 def wandb_inspect(path: Path, *flags: str) -> str:
@@ -183,13 +184,13 @@ def stage_outputs(out: Path) -> dict[str, tuple[str, int]]:
             ("config.yaml", "eval.json", "f1.png", "logs", "wandb")}
 
 
-def test_a_second_run_reuses_every_stage(run, tiny_run_stdout, capsys):
-    config, out = run
+def test_a_second_run_reuses_every_stage(own_run, tiny_run_stdout, capsys):
+    (_, config, root, _), out = own_run
     before, results = stage_outputs(out), read_json(out / "eval.json")
     assert {"world", "base", "index", "augmented.jsonl", "augmented-eval.jsonl", "bank",
             "bank-eval", "translator", "lightning"} <= {Path(p).parts[0] for p in before}
     capsys.readouterr()
-    train.main(["--config", str(config)])  # the same command again
+    train.main(["--config", config, root])  # the same command again
     printed = capsys.readouterr().out
     after = stage_outputs(out)
     rebuilt = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
@@ -213,11 +214,11 @@ class Interrupt(pl.Callback):
         self.batches += 1
 
 
-def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
+def test_an_interrupted_fit_resumes_from_its_last_checkpoint(own_run, monkeypatch):
     from dyprag import fit, pipeline
 
-    config_path, out = run
-    config = load_config(config_path, ["train.lr=2e-3", "eval.modes=[vanilla]"])
+    (_, config_path, root, _), out = own_run
+    config = load_config(config_path, [root, "train.lr=2e-3", "eval.modes=[vanilla]"])
     fit = fit.fit_translator
     crash = Interrupt(crash_at=1)
     monkeypatch.setattr(pipeline, "fit_translator", lambda *a, **kw: fit(*a, **kw, callbacks=[crash]))
@@ -237,10 +238,10 @@ def test_an_interrupted_fit_resumes_from_its_last_checkpoint(run, monkeypatch):
         read_json(out / "lightning" / "fingerprint.json")["fingerprint"]
 
 
-def test_ddp_with_two_cpu_processes(run):
-    config, out = run
+def test_ddp_with_two_cpu_processes(own_run):
+    (_, config, root, _), out = own_run
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--config", str(config), "train.lr=3e-3",
+        [sys.executable, str(ROOT / "train.py"), "--config", config, root, "train.lr=3e-3",
          "train.strategy=ddp", "train.devices=2", "train.accelerator=cpu",
          "eval.modes=[vanilla,dyprag@1]"],
         capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
