@@ -250,3 +250,33 @@ def test_every_upper_bound_is_100x_what_any_config_or_bench_uses():
 def test_a_huge_size_is_refused_naming_the_bound():
     with pytest.raises(ValueError, match=r"bank.rank: must be ≤ 4,096, got 800,000.*eval.batch_"):
         load_config(None, ["bank.rank=800000", "eval.batch_size=10000000"])
+
+
+SNAPSHOTS = Path(__file__).parent / "fixtures" / "configs"  # `train.py --print-config` of each
+
+
+def _resolved() -> dict[str, str]:
+    """What every config resolves to (``dump``, as ``train.py --print-config`` prints it), by
+    snapshot name: the embedded default job, the run configs and the bases."""
+    return {"default.yaml": dump(Config()),
+            **{p.name: dump(load_config(p)) for p in RUNNABLE},
+            **{f"base-{p.name}": dump(load_config(p, complete=False)) for p in BASES}}
+
+
+def test_every_config_resolves_to_its_snapshot():
+    """A changed default changes the recipes that inherit it: this names them, and the change
+    is made on purpose by rewriting the snapshots (DYPRAG_UPDATE_SNAPSHOTS=1 pytest -k snapshot),
+    then measuring the configs it names again."""
+    import os
+
+    resolved = _resolved()
+    if os.environ.get("DYPRAG_UPDATE_SNAPSHOTS"):
+        SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+        for old in SNAPSHOTS.glob("*.yaml"):
+            old.unlink()
+        for name, text in resolved.items():
+            (SNAPSHOTS / name).write_text(text)
+    stored = {p.name: p.read_text() for p in SNAPSHOTS.glob("*.yaml")}
+    changed = sorted(n for n in resolved.keys() | stored.keys() if resolved.get(n) != stored.get(n))
+    assert not changed, (f"these configs no longer resolve to their snapshot in {SNAPSHOTS}: "
+                         f"{changed}")
