@@ -5,8 +5,7 @@
 PRAG trains each document's LoRA alone, at batch 1. Here row ``b`` of every batch is a
 different document and goes through that document's own LoRA (per-sample injection), so one
 forward/backward trains ``docs_per_step`` LoRAs. Each document's result equals training it
-alone with the same recipe (without the locality term, which reads another document's
-example), because
+alone with the same recipe, because
 
 - the loss is the **sum** over rows of each row's mean token loss, so each LoRA's gradient is
   exactly its own document's gradient;
@@ -47,7 +46,7 @@ from dyprag.examples import Segments, collate, document_examples
 from dyprag.files import atomic_write_json, is_cached, open_safetensors, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
-from dyprag.lora_io import atomic_save_tensors, load_lora, lora_tensors, save_lora
+from dyprag.lora_io import atomic_save_tensors, lora_tensors
 from dyprag.prefix import hidden_from, prefix_layer, states_below
 from dyprag.prompts import PLAIN, PromptFormat
 
@@ -95,32 +94,18 @@ def token_mean(per_token: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (per_token * labelled).sum(1) / labelled.sum(1).clamp_min(1)
 
 
-def locality_kl(logits: torch.Tensor, base_logits: torch.Tensor,
-                targets: torch.Tensor) -> torch.Tensor:
-    """KL(base ‖ with LoRA) of the next-token distributions, each row's mean over its labelled
-    tokens, ``(N,)``: how far a LoRA moves the base model's answers to questions that are not
-    about its document (the locality term; zero when the LoRA is)."""
-    kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(base_logits, -1), log_target=True,
-                  reduction="none").sum(-1)  # (N, T)
-    return token_mean(kl, targets)
-
-
 def _autocast(device: torch.device):
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def _step_batch(model, tokenizer, rows: Sequence[Segments], w_locality: float = 0.0,
-                layer: int = 0) -> dict[str, torch.Tensor]:
-    """One step's batch of ``rows`` (one example each) on the model's device; with
-    ``w_locality`` (and more than one row) row ``n + b`` is row ``b + 1``'s example; with
-    ``layer`` > 0, also the frozen layers' ``states`` entering it (``dyprag.prefix``),
-    computed once here and reused in every epoch."""
+def _step_batch(model, tokenizer, rows: Sequence[Segments], layer: int = 0) -> dict[str, torch.Tensor]:
+    """One step's batch of ``rows`` (one example each) on the model's device; with ``layer``
+    > 0, also the frozen layers' ``states`` entering it (``dyprag.prefix``), computed once
+    here and reused in every epoch."""
     device = next(model.parameters()).device
-    local = w_locality > 0 and len(rows) > 1
-    examples = [*rows, *rows[1:], rows[0]] if local else list(rows)
-    batch = {k: v.to(device) for k, v in collate(tokenizer, examples).items()}
+    batch = {k: v.to(device) for k, v in collate(tokenizer, list(rows)).items()}
     if layer:
         with _autocast(device):
             batch["states"] = states_below(model, batch["input_ids"], batch["attention_mask"],
@@ -128,30 +113,11 @@ def _step_batch(model, tokenizer, rows: Sequence[Segments], w_locality: float = 
     return batch
 
 
-def _step_losses(model, lora: LoRA, batch: dict[str, torch.Tensor], w_locality: float = 0.0,
-                 layer: int = 0) -> torch.Tensor:
-    """``row_losses`` of a ``_step_batch`` with ``lora`` injected, ``(N,)`` for its N LoRAs.
-
-    ``w_locality`` > 0 (and more than one row): row ``b`` also adds ``w_locality`` times the
-    ``locality_kl`` of LoRA ``b`` on row ``b + 1``'s example (another document's), against
-    the base model without a LoRA. Each LoRA's gradient is still its own row's alone.
-    """
-    device = batch["input_ids"].device
-    rows = batch["input_ids"].shape[0]
-    n = lora.batch_size or rows  # an unbatched LoRA (the warmup's) serves every row
-    states = batch.get("states")
-    injection = inject_lora(model)
-    with _autocast(device):
-        if rows == n:
-            with injection.use(lora):
-                return answer_loss(*answer_logits(model, batch, states=states, layer=layer)[:2])
-        with injection.use(lora.map(lambda t: torch.cat([t, t]))):
-            logits, targets, start = answer_logits(model, batch, states=states, layer=layer)
-        with torch.no_grad():
-            base, _, _ = answer_logits(model, {k: v[n:] for k, v in batch.items()}, start,
-                                       None if states is None else states[n:], layer)
-    return (answer_loss(logits[:n], targets[:n])
-            + w_locality * locality_kl(logits[n:], base, targets[n:]))
+def _step_losses(model, lora: LoRA, batch: dict[str, torch.Tensor], layer: int = 0) -> torch.Tensor:
+    """``row_losses`` of a ``_step_batch`` with ``lora`` (one LoRA per row) injected, ``(N,)``."""
+    with _autocast(batch["input_ids"].device), inject_lora(model).use(lora):
+        return answer_loss(*answer_logits(model, batch, states=batch.get("states"),
+                                          layer=layer)[:2])
 
 
 def _train_dtype(model) -> torch.dtype:
@@ -166,11 +132,10 @@ def _optimizer(lora: LoRA, lr: float, weight_decay: float) -> torch.optim.AdamW:
 
 
 def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: LoRA,
-                lr: float, epochs: int, weight_decay: float = 0.0,
-                w_locality: float = 0.0) -> tuple[LoRA, torch.Tensor]:
+                lr: float, epochs: int, weight_decay: float = 0.0) -> tuple[LoRA, torch.Tensor]:
     """Train one LoRA per document from ``init`` (unbatched); returns them batched and each
     document's mean loss over its last epoch. Every document needs the same number of
-    examples: step ``j`` holds example ``j`` of each. ``w_locality``: ``_step_losses``."""
+    examples: step ``j`` holds example ``j`` of each."""
     counts = {len(ex) for ex in examples}
     assert len(counts) == 1, f"documents of one group need equal example counts, got {counts}"
     device = next(model.parameters()).device
@@ -181,13 +146,13 @@ def train_loras(model, tokenizer, examples: Sequence[Sequence[Segments]], init: 
     optimizer = _optimizer(lora, lr, weight_decay)
     steps = counts.pop()
     layer = prefix_layer(model)
-    batches = [_step_batch(model, tokenizer, [ex[j] for ex in examples], w_locality, layer)
+    batches = [_step_batch(model, tokenizer, [ex[j] for ex in examples], layer)
                for j in range(steps)]
     last = torch.zeros(n)
     for _ in range(epochs):
         last.zero_()
         for j, batch in enumerate(batches):
-            losses = _step_losses(model, lora, batch, w_locality, layer)  # (n,)
+            losses = _step_losses(model, lora, batch, layer)  # (n,)
             if not torch.isfinite(losses).all():
                 bad = int((~torch.isfinite(losses)).nonzero()[0])
                 raise FloatingPointError(f"non-finite loss for document row {bad} at step {j}")
@@ -253,14 +218,11 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
             # Another run's shards (other documents or config): start over.
             for stale in [*out.glob("shard-*.safetensors"), meta_path, out / "index.json"]:
                 stale.unlink(missing_ok=True)
-            for stale in (out / "warmup").glob("*"):
-                stale.unlink()
             atomic_write_json(progress_path, {"fingerprint": key})
     _barrier()
 
     examples = [document_examples(d, config, tokenizer, fmt) for d in docs]
-    init = _warmup_init(model, tokenizer, examples, out / "warmup", config, shapes, rank) \
-        if config.init == "warmup" else _shared_init(shapes, config)
+    init = _shared_init(shapes, config)
     shards = [list(range(s, min(s + config.shard_size, len(docs))))
               for s in range(0, len(docs), config.shard_size)]
     mine = [s for s in range(len(shards)) if s % world == rank]
@@ -309,8 +271,7 @@ def _train_shard(model, tokenizer, docs: list[AugmentedDoc], examples: list[list
         for g in range(0, len(members), config.docs_per_step):
             group = members[g:g + config.docs_per_step]
             lora, loss = train_loras(model, tokenizer, [examples[i] for i in group], init,
-                                     config.lr, config.epochs, config.weight_decay,
-                                     config.w_locality)
+                                     config.lr, config.epochs, config.weight_decay)
             lora = lora.to("cpu")
             for row, i in enumerate(group):
                 rows[i], losses[i] = lora[row], float(loss[row])
@@ -319,31 +280,6 @@ def _train_shard(model, tokenizer, docs: list[AugmentedDoc], examples: list[list
     atomic_save_tensors(lora_tensors(LoRA.stack(rows)), path,
                         metadata={"doc_ids": json.dumps([d.doc_id for d in docs]),
                                   "loss": json.dumps(losses)})
-
-
-def _warmup_init(model, tokenizer, examples: list[list[Segments]], path: Path,
-                 config: BankConfig, shapes: dict[Key, tuple[int, int]], rank: int) -> LoRA:
-    """One LoRA trained on the first ``warmup_docs`` documents (a batch of all of them per
-    step, one shared LoRA), starting from the shared init; cached in ``path``."""
-    if (path / "meta.json").is_file():
-        return load_lora(path)[0]
-    pool = examples[:config.warmup_docs]
-    steps = min(len(ex) for ex in pool)
-    device = next(model.parameters()).device
-    lora = _shared_init(shapes, config).map(
-        lambda t: t.to(device, _train_dtype(model)).requires_grad_(True))
-    optimizer = _optimizer(lora, config.warmup_lr, config.weight_decay)
-    for _ in range(config.warmup_epochs):
-        for j in range(steps):
-            loss = _step_losses(model, lora, _step_batch(model, tokenizer,
-                                                         [ex[j] for ex in pool])).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    lora = lora.detach().to("cpu")
-    if rank == 0:
-        save_lora(lora, path)
-    return lora
 
 
 class LoRABank:

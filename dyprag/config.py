@@ -254,20 +254,10 @@ class BankConfig(Section):
     qa_closed_book: int = 10
     text: bool = True
     loss_on: Literal["answer", "all"] = "answer"  # loss on answer tokens, or on every token
-    # Locality: each step also asks every LoRA another document's example and adds this
-    # times the KL from the base model's next-token distribution there (0: off).
-    w_locality: float = 0.0
-    # "shared": every LoRA starts from one seeded init (A random, B zero), as PRAG does;
-    # "warmup": from a LoRA first trained briefly on many documents (PRAG's ablation).
-    init: Literal["shared", "warmup"] = "shared"
-    warmup_docs: int = 64
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-4
-    seed: int = 0
+    seed: int = 0  # every LoRA starts from one init seeded by this (A random, B zero), as PRAG's
     RANGES = {"rank": (1, 4096), "epochs": (1, 10**4), "docs_per_step": (1, 10**5),
               "shard_size": (1, 10**6), "qa_with_passage": (0, 10**4),
-              "qa_closed_book": (0, 10**4), "w_locality": (0, math.inf),
-              "warmup_docs": (1, 10**6), "warmup_epochs": (1, 1000)}
+              "qa_closed_book": (0, 10**4)}
 
 
 @dataclass(frozen=True)
@@ -325,9 +315,6 @@ class TrainConfig(Section):
     w_lm: float = 1.0
     w_kl: float = 0.01
     w_mse: float = 100.0
-    # Locality: the generated LoRA of each row on the next row's example (another document's),
-    # times this KL from the base model's next-token distribution there (0: off).
-    w_locality: float = 0.0
     mse_space: Literal["delta", "factor"] = "delta"
     # Where the KL term reads the teacher: every real token (DyPRAG's) or the answer tokens
     # only (the vocabulary logits are then computed there alone: cheaper with a real vocabulary).
@@ -353,7 +340,7 @@ class TrainConfig(Section):
     RANGES = {"epochs": (1, 10**4), "batch_size": (1, 10**5), "warmup_steps": (0, 10**7),
               "devices": (1, 1024), "num_workers": (0, 1024), "val_questions": (0, 10**7),
               "log_every_n_steps": (1, 10**7), "qa_with_passage": (0, 10**4),
-              **{w: (0, math.inf) for w in ("w_lm", "w_kl", "w_mse", "w_locality")}}
+              **{w: (0, math.inf) for w in ("w_lm", "w_kl", "w_mse")}}
 
     def problems(self) -> list[str]:
         out = super().problems()

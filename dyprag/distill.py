@@ -3,8 +3,7 @@
 For a batch of (document, training example) rows, with ``student = translator(embedding)``
 and ``teacher`` = the document's bank LoRA, both injected per sample:
 
-    L = w_lm · L_lm + w_kl · L_kl + w_mse · L_mse + w_locality · L_locality
-                                                          (DyPRAG: 1, 0.01, 100, 0)
+    L = w_lm · L_lm + w_kl · L_kl + w_mse · L_mse        (DyPRAG: 1, 0.01, 100)
 
 - ``L_lm``: next-token loss on the example's labelled tokens with the student injected;
 - ``L_kl``: KL(teacher ‖ student) of the next-token distributions, **averaged over real
@@ -12,10 +11,7 @@ and ``teacher`` = the document's bank LoRA, both injected per sample:
 - ``L_mse``: distance of student to teacher, in delta space (the default: the mean squared
   error between the entries of ``ΔW_student`` and ``ΔW_teacher``, computed with
   ``delta_distance`` without forming either, so independent of how ΔW is factorised) or in
-  factor space (``factor_mse``, DyPRAG's), averaged over targets and the batch;
-- ``L_locality``: row ``b``'s student on row ``b + 1``'s example (another document's): the
-  KL from the base model's next-token distribution over its labelled tokens, averaged over
-  rows whose documents differ, so a generated LoRA speaks only about its own document.
+  factor space (``factor_mse``, DyPRAG's), averaged over targets and the batch.
 
 Also logged: the RMS entry of the generated ΔW beside the bank's (``lora_rms_student`` /
 ``lora_rms_teacher``), and, on validation, DyPRAG F1 on held-out documents' questions.
@@ -37,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dyprag.bank import answer_logits, locality_kl
+from dyprag.bank import answer_logits
 from dyprag.config import TrainConfig, choices
 from dyprag.examples import Segments, Tokens, length_sorted, pad, tokenize
 from dyprag.generate import generate_answers
@@ -115,7 +111,6 @@ class DistillationData(Dataset):
         teacher = self.teachers[self.teacher_row[docs]]
         batch["teacher_A"], batch["teacher_B"] = teacher.A, teacher.B
         batch["distilled"] = self.distilled[docs]
-        batch["doc"] = docs
         if self.states is not None:
             batch["states"] = torch.nn.utils.rnn.pad_sequence(
                 [self.states[i] for _, _, i in rows], batch_first=True)  # (N, T, H), zero padded
@@ -209,7 +204,7 @@ class TranslatorDistillation(pl.LightningModule):
     def __init__(self, model, translator: ParameterTranslator, lr: float = 1e-3,
                  weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
                  w_lm: float = 1.0, w_kl: float = 0.01, w_mse: float = 100.0,
-                 mse_space: str = "delta", w_locality: float = 0.0, kl_on: str = "all",
+                 mse_space: str = "delta", kl_on: str = "all",
                  first_layer: int = 0):
         super().__init__()
         if mse_space not in choices(TrainConfig, "mse_space"):
@@ -220,7 +215,7 @@ class TranslatorDistillation(pl.LightningModule):
         self.__dict__["base"] = model
         self.injection = inject_lora(model)
         self.lr, self.wd, self.warmup, self.total = lr, weight_decay, warmup_steps, total_steps
-        self.weights = {"lm": w_lm, "kl": w_kl, "mse": w_mse, "locality": w_locality}
+        self.weights = {"lm": w_lm, "kl": w_kl, "mse": w_mse}
         self.mse_space = mse_space
         if kl_on not in choices(TrainConfig, "kl_on"):
             raise ValueError(f"kl_on must be one of {choices(TrainConfig, 'kl_on')}, got {kl_on!r}")
@@ -278,8 +273,7 @@ class TranslatorDistillation(pl.LightningModule):
             return (per_row * w).sum() / w.sum().clamp_min(1)
 
         mse = over_distilled(rows)
-        locality = self.locality(student, batch) if self.weights["locality"] else kl.new_zeros(())
-        terms = {"lm": lm, "kl": kl, "mse": mse, "locality": locality}
+        terms = {"lm": lm, "kl": kl, "mse": mse}
         total = sum(self.weights[k] * v for k, v in terms.items())
         with torch.no_grad():
             zero = student.map(torch.zeros_like)
@@ -287,20 +281,6 @@ class TranslatorDistillation(pl.LightningModule):
             norms = {"lora_rms_student": delta_mse(student, zero, self.delta_entries).mean().sqrt(),
                      "lora_rms_teacher": teacher_ms.sqrt()}
         return {"loss": total, **terms, **norms}
-
-    def locality(self, student: LoRA, batch: dict) -> Tensor:
-        """``L_locality``: the KL from the base model's answers on row ``b + 1``'s example to
-        those with row ``b``'s student, over rows whose documents differ."""
-        n = batch["input_ids"].shape[0]
-        nxt = torch.arange(n, device=batch["input_ids"].device).roll(-1)
-        other = {k: batch[k][nxt] for k in ("input_ids", "attention_mask", "labels")}
-        with torch.no_grad():
-            base, _, start = answer_logits(self.base, other)
-        with self.injection.use(student):
-            logits, targets, _ = answer_logits(self.base, other, start)
-        rows = locality_kl(logits, base, targets)  # (N,)
-        differ = (batch["doc"] != batch["doc"][nxt]).to(rows)
-        return (rows * differ).sum() / differ.sum().clamp_min(1)
 
     def training_step(self, batch: dict, _: int) -> Tensor:
         losses = self.losses(batch)

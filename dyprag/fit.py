@@ -6,7 +6,8 @@
   seeded); each row is (document embedding, bank LoRA, one augmented training example);
 - logs: the run's loggers (``dyprag.loggers``: CSV and W&B);
 - checkpoints: Lightning's ``<run>/lightning/last.ckpt`` (translator and optimizer only) for
-  resuming, then the translator as safetensors + ``meta.json`` in ``<run>/translator/``;
+  resuming while the fit runs, then the translator as safetensors + ``meta.json`` in
+  ``<run>/translator/`` (and ``lightning/`` is removed);
 - caching: a finished translator whose fingerprint matches is loaded, not retrained.
 """
 
@@ -153,7 +154,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     system = TranslatorDistillation(model, translator, lr=tr.lr, weight_decay=tr.weight_decay,
                                     warmup_steps=tr.warmup_steps, total_steps=None,
                                     w_lm=tr.w_lm, w_kl=tr.w_kl, w_mse=tr.w_mse,
-                                    mse_space=tr.mse_space, w_locality=tr.w_locality,
+                                    mse_space=tr.mse_space,
                                     kl_on=tr.kl_on, first_layer=prefix_layer(model))
     fmt = prompt_format(tokenizer, config.prompt.format)
     system.val_qa = _validation_questions(val_docs, tr.val_questions, tokenizer, embeddings,
@@ -196,6 +197,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
             "embedding_dim": embeddings.dim, "fingerprint": key, "bank": bank.meta["fingerprint"],
             "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr.epochs,
             "dyprag_f1": fit})
+        shutil.rmtree(ckpt_dir, ignore_errors=True)  # resuming is over: the translator is saved
     return Fitted(translator.eval(), loggers, trainer.is_global_zero)
 
 

@@ -22,7 +22,7 @@ Stages and the paths they own (``--rebuild STAGE`` removes these before the run)
     index       index/                       FAISS / BM25 index and stored embeddings
     augment     augmented*.jsonl(.json)      rewrites and QA pairs (training, eval documents)
     bank        bank/, bank-eval/            PRAG's per-document LoRAs
-    translator  translator/, lightning/      the translator and its resume checkpoint
+    translator  translator/, lightning/      the translator; its resume checkpoint (until saved)
 """
 
 from __future__ import annotations

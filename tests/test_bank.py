@@ -115,40 +115,6 @@ def test_batched_bank_equals_training_each_document_alone(tmp_path):
     assert batched.B[(0, "up")].abs().sum() > 0, "LoRAs were not trained"
 
 
-def _foreign_kl(model, tokenizer, loras) -> torch.Tensor:
-    """Each document's LoRA on the next document's closed-book question: KL from the base."""
-    from dyprag.bank import answer_logits, locality_kl
-    from dyprag.examples import collate
-
-    rows = [document_examples(DOCS[(i + 1) % len(DOCS)], CONFIG, tokenizer)[-1]
-            for i in range(len(DOCS))]
-    batch = collate(tokenizer, rows)
-    with torch.no_grad():
-        base, _, start = answer_logits(model, batch)
-        with inject_lora(model).use(loras):
-            logits, targets, _ = answer_logits(model, batch, start)
-    return locality_kl(logits, base, targets)
-
-
-def test_locality_term_is_zero_for_a_zero_lora_and_keeps_other_answers():
-    model, tokenizer = setup()
-    rows = [document_examples(d, CONFIG, tokenizer)[0] for d in DOCS[:3]]
-    zero = bank_mod._shared_init(inject_lora(model).shapes, CONFIG)  # B = 0: ΔW = 0
-    zero = zero.map(lambda t: torch.stack([t] * 3))
-    assert_close(bank_mod._step_losses(model, zero, bank_mod._step_batch(model, tokenizer, rows,
-                                                                         5.0), w_locality=5.0),
-                 bank_mod._step_losses(model, zero, bank_mod._step_batch(model, tokenizer, rows)))
-    # One group of five documents: LoRA b's locality rows are document b + 1's questions.
-    recipe = dataclasses.replace(CONFIG, epochs=6, qa_with_passage=0, qa_closed_book=2,
-                                 shard_size=8)
-    plain = all_loras(build_bank(model, tokenizer, DOCS, tmp := Path(os.environ["DYPRAG_CACHE"])
-                                 / "locality-off", recipe, progress=False))
-    local = all_loras(build_bank(model, tokenizer, DOCS, tmp.with_name("locality-on"),
-                                 dataclasses.replace(recipe, w_locality=30.0), progress=False))
-    off, on = _foreign_kl(model, tokenizer, plain), _foreign_kl(model, tokenizer, local)
-    assert on.mean() < 0.5 * off.mean(), (on, off)
-
-
 class Killed(Exception):
     """Stands in for a run killed mid-way."""
 
@@ -222,16 +188,6 @@ def test_nan_loss_names_the_document_row(tmp_path):
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="document row"):
         build_bank(model, tokenizer, DOCS[:2], tmp_path / "bank", CONFIG, progress=False)
-
-
-def test_warmup_init_is_trained_saved_and_used(tmp_path):
-    model, tokenizer = setup()
-    config = dataclasses.replace(CONFIG, init="warmup", warmup_docs=4, warmup_lr=1e-2)
-    out = build_bank(model, tokenizer, DOCS, tmp_path / "bank", config, progress=False)
-    assert (out / "warmup" / "meta.json").is_file()
-    shared = all_loras(build_bank(model, tokenizer, DOCS, tmp_path / "shared", CONFIG,
-                                  progress=False))
-    assert not torch.allclose(all_loras(out).A[(0, "up")], shared.A[(0, "up")])
 
 
 def test_prag_combines_retrieved_documents_as_a_sum_of_deltas(tmp_path):
