@@ -85,33 +85,27 @@ def _run(args) -> int:
 
 
 def _evaluate(args, run, out: Path) -> int:
-    from dyprag.answer import document_dependence, evaluate
+    from dyprag.answer import evaluate_questions
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
-    from dyprag.metrics import f1_by_fact, score
+    from dyprag.metrics import score
     from dyprag.report import markdown, plot
 
     k = max(parse_mode(m)[1] for m in args.modes) or 1
     dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in args.modes)
     grid, dependence, by_fact, predictions = {}, {}, {}, []
-    ev = run.config.eval
     for name, examples in datasets(args, run):
         if not examples:
             raise ValueError(f"dataset {name} has no questions")
-        questions = [qa.question for qa in examples]
-        retrieved = run.retrieve(questions, k)
+        retrieved = run.retrieve([qa.question for qa in examples], k)
         hits = [[d for d, _ in h] for h in retrieved]
-        golds = [qa.answers for qa in examples]
         if dyprag:
             run.ensure_embeddings({d for h in hits for d in h})
-        grid[name], answers = evaluate(run.model, run.tokenizer, args.modes, questions, golds,
-                                       hits, run.knowledge, ev.max_new_tokens, ev.batch_size,
-                                       progress=functools.partial(_progress, name), fmt=run.fmt,
-                                       scores=[[s for _, s in h] for h in retrieved])
-        by_fact[name] = f1_by_fact(answers, golds, [qa.meta for qa in examples])
-        if dyprag:
-            dependence[name] = document_dependence(run.model, run.tokenizer, questions, golds,
-                                                   hits, run.knowledge, ev.max_new_tokens,
-                                                   ev.batch_size, run.fmt, run.config.run.seed)
+        result = evaluate_questions(run.model, run.tokenizer, args.modes, examples, hits,
+                                    run.knowledge, run.config.eval, run.fmt, run.config.run.seed,
+                                    [[s for _, s in h] for h in retrieved],
+                                    functools.partial(_progress, name))
+        grid[name], by_fact[name], dependence[name] = result.grid, result.by_fact, result.dependence
+        answers = result.predictions
         predictions += [{"dataset": name, "mode": m, "question": qa.question,
                          "answers": qa.answers, "retrieved": h, "prediction": answers[m][i],
                          **{k: v for k, v in score([answers[m][i]], [qa.answers]).items()
@@ -134,8 +128,9 @@ def _evaluate(args, run, out: Path) -> int:
     return 0
 
 
-def _progress(dataset: str, mode: str, scores: dict) -> None:
-    print(f"{dataset} {mode}: F1 {scores['f1']:.3f}  acc {scores['acc']:.3f}", file=sys.stderr)
+def _progress(dataset: str, step: str, scores: dict) -> None:
+    if step != "document dependence":
+        print(f"{dataset} {step}: F1 {scores['f1']:.3f}  acc {scores['acc']:.3f}", file=sys.stderr)
 
 
 def log_wandb(run, out: Path, grid: dict, modes: list[str], dependence: dict) -> None:

@@ -15,6 +15,8 @@ never DyPRAG's averaging of A and B.
 
 ``document_dependence`` measures whether the translator reads its input: DyPRAG with another
 question's document in place of the retrieved one, and how alike the generated deltas are.
+``evaluate_questions`` is the one evaluation that train.py's eval stage and evaluate.py run:
+every mode's scores and answers, F1 by fact, and the document dependence.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from dataclasses import dataclass, field
 import torch
 
 from dyprag.bank import BankSet, LoRABank
-from dyprag.config import KnowledgeConfig, parse_mode
+from dyprag.config import EvalConfig, KnowledgeConfig, parse_mode
 from dyprag.embed import EmbeddingTable
 from dyprag.generate import generate_answers
 from dyprag.lora import LoRA, delta_cosines, sum_groups
-from dyprag.metrics import score
+from dyprag.metrics import f1_by_fact, score
 from dyprag.prompts import PLAIN, PromptFormat
+from dyprag.qa import QAExample
 from dyprag.translator import ParameterTranslator
 
 Hits = Sequence[Sequence[str]]
@@ -184,3 +187,33 @@ def document_dependence(model, tokenizer, questions: Sequence[str],
     off_diagonal = (cosines.sum() - cosines.diagonal().sum()) / max(1, n * (n - 1))
     return {"dyprag_irrelevant": score(predictions, golds)["f1"],
             "delta_cosine": float(off_diagonal)}
+
+
+@dataclass
+class Evaluation:
+    """What ``evaluate_questions`` measured on a set of questions."""
+
+    grid: dict[str, dict]                  # mode → em, f1, acc, n, ms_per_question
+    predictions: dict[str, list[str]]      # mode → the answer to each question
+    by_fact: dict[str, dict[str, float]]   # mode → fact → F1 ({}: the questions name none)
+    dependence: dict[str, float]           # document_dependence ({}: no DyPRAG mode)
+
+
+def evaluate_questions(model, tokenizer, modes: Sequence[str], examples: Sequence[QAExample],
+                       hits: Hits, knowledge: Knowledge, ev: EvalConfig, fmt: PromptFormat,
+                       seed: int, scores: Scores | None = None, progress=None) -> Evaluation:
+    """Every mode of ``modes`` on ``examples`` (``evaluate``), their F1 by fact and, with a
+    DyPRAG mode, the translator's ``document_dependence``. ``progress(step, scores)`` follows
+    each mode, then the document dependence."""
+    questions = [qa.question for qa in examples]
+    golds = [qa.answers for qa in examples]
+    grid, predictions = evaluate(model, tokenizer, modes, questions, golds, hits, knowledge,
+                                 ev.max_new_tokens, ev.batch_size, progress, fmt, scores)
+    dependence = {}
+    if any(parse_mode(m)[0].startswith("dyprag") for m in modes):
+        dependence = document_dependence(model, tokenizer, questions, golds, hits, knowledge,
+                                         ev.max_new_tokens, ev.batch_size, fmt, seed)
+        if progress is not None:
+            progress("document dependence", dependence)
+    return Evaluation(grid, predictions, f1_by_fact(predictions, golds,
+                                                    [qa.meta for qa in examples]), dependence)

@@ -1,6 +1,6 @@
 """Document augmentation: rewrites and question-answer pairs per document (PRAG's data).
 
-    python -m dyprag.augment --world checkpoints/world --out checkpoints/world/augmented.jsonl
+    python -m dyprag.augment --world /tmp/my-world --out /tmp/my-world/augmented.jsonl
 
 Each training document becomes one jsonl record (docs/design.md §5)::
 
@@ -376,7 +376,7 @@ def augment_corpus(passages: Iterable[Passage], augmenter: Augmenter, out: str |
 def main() -> None:
     parser = argparse.ArgumentParser(description="Augment the synthetic world's documents "
                                                  "(rewrites + QA pairs) for bank training.")
-    parser.add_argument("--world", default="checkpoints/world", help="world directory")
+    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.world)")
     parser.add_argument("--out", default=None, help="jsonl (default: <world>/augmented.jsonl)")
     args = parser.parse_args()
     world = Path(args.world)

@@ -1,6 +1,6 @@
 """The LoRA bank: one FFN LoRA per document (PRAG), trained many documents per step.
 
-    python -m dyprag.bank --world checkpoints/world --base checkpoints/base --out checkpoints/bank
+    python -m dyprag.bank --world /tmp/my-world --base /tmp/my-base --out /tmp/my-bank
 
 PRAG trains each document's LoRA alone, at batch 1. Here row ``b`` of every batch is a
 different document and goes through that document's own LoRA (per-sample injection), so one
@@ -400,9 +400,9 @@ def main() -> None:
         description="Train the LoRA bank of the synthetic world (recipe: the default job's, "
                     "dyprag.config.BankConfig); "
                     "augments the documents first when needed. Resumes an interrupted run.")
-    parser.add_argument("--world", default="checkpoints/world", help="world directory")
-    parser.add_argument("--base", default="checkpoints/base", help="base model directory")
-    parser.add_argument("--out", default="checkpoints/bank", help="bank directory")
+    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.world)")
+    parser.add_argument("--base", required=True, help="base model directory (python -m dyprag.world_base)")
+    parser.add_argument("--out", required=True, help="bank directory")
     args = parser.parse_args()
     world = Path(args.world)
     augment_corpus(iter_corpus(world / "corpus.jsonl"), TemplateAugmenter(world),

@@ -109,7 +109,7 @@ class DataConfig(Section):
     val_fraction: float = 0.1
     # The world only (ignored for "qa"): bios of this many fresh people added to the
     # translator's training data with the LM term only (no bank LoRA): cheap data for the
-    # hypernetwork. The translator's fit costs ~40 ms per document (bench/RESULTS.md).
+    # hypernetwork (its cost per document: bench/RESULTS.md, "The five-minute default job").
     extra_docs: int = 2500
     RANGES = {"extra_docs": (0, 10**6), "train_questions": (1, 10**7),
               "test_questions": (1, 10**7)}
@@ -126,7 +126,8 @@ class PretrainConfig(Section):
     """The synthetic world's base model (dyprag/world_base.py): a small Llama and its
     pretraining on the world's pretrain people and reading practice."""
 
-    # 8 heads of 16 dims: measured to find the reading circuit sooner than 4 of 32.
+    # 8 heads of 16 dims find the reading circuit sooner than 4 of 32 (bench/RESULTS.md,
+    # "Toward a five-minute default job").
     hidden_size: int = 128
     num_hidden_layers: int = 4
     num_attention_heads: int = 8
@@ -145,10 +146,9 @@ class PretrainConfig(Section):
     seed: int = 0
     # Batches of similar lengths: sort the sequences by length within windows of this many
     # batches (the windows keep the curriculum's order; batches are shuffled within each).
-    # 0: the curriculum order as is (39% of the token positions are padding). 64 pretrains
-    # ~1.5x faster, and in all three draws measured (two recipes, two seeds) the table was
-    # better than without it (default job: rag@1 0.748 vs 0.648, dyprag@1 0.628 vs 0.547;
-    # bench/RESULTS.md).
+    # 0: the curriculum order as is (much of it padding). 64 pretrains faster, with a better
+    # table in every draw measured (bench/RESULTS.md, "Batches of similar lengths in
+    # pretraining, now the default").
     length_window: int = 64
     RANGES = {"hidden_size": (1, 65536), "num_hidden_layers": (1, 1000),
               "num_attention_heads": (1, 1024), "intermediate_size": (1, 262144),
@@ -194,8 +194,8 @@ class KnowledgeConfig(Section):
 
     # "sum": each document's delta at weight 1 (PRAG's; configs/base/paper.yaml); "softmax":
     # weights softmax(score / temperature) over the question's k retrieval scores, summing to
-    # one. In the world (bench/RESULTS.md) the sum of 3 deltas scored prag@3 0.15 against
-    # prag@1 0.43; softmax at 0.02: 0.43 (at 0.05: 0.41, at 0.1: 0.37).
+    # one: in the world three summed deltas mixed three people, the softmax did not
+    # (bench/RESULTS.md, "Composition (issue 15)").
     combine: Literal["sum", "softmax"] = "softmax"
     temperature: float = 0.02
     scale: float = 1.0  # every document's delta times this
@@ -233,11 +233,9 @@ class AugmentConfig(Section):
 class BankConfig(Section):
     """How each document's LoRA is trained (dyprag/bank.py). The defaults are the synthetic
     world's recipe: its tiny base model needs far more than PRAG's one epoch at lr 3e-4 to take
-    in a document, and too much saturates it (measured with the bank LoRAs of the 1,000 test
-    questions' top documents, bench/RESULTS.md: lr 3e-2 for 20 epochs → prag@1 F1 0.43 and
-    prag+rag@1 0.24, the LoRA's output drowning the residual stream by 10⁴–10⁶ and with it any
-    passage in the prompt; lr 1e-2 → 0.76 / 0.44; lr 3e-3 for 5 epochs → 0.93 / 0.92; lr 1e-3
-    for 10 → 0.94 / 0.94). PRAG's recipe: configs/base/paper.yaml."""
+    in a document, and too much saturates it, the LoRA's output drowning the residual stream
+    and with it any passage in the prompt (bench/RESULTS.md, "Composition (issue 15)", "The
+    bank's learning rate"). PRAG's recipe: configs/base/paper.yaml."""
 
     rank: int = 8
     alpha: float = 32.0
@@ -264,16 +262,15 @@ class BankConfig(Section):
 class TranslatorConfig(Section):
     # The world's translator, "attention": learned queries sort the passage's input-token
     # embeddings ("token_list") into slots, and every target's B is linear in the slots (A is
-    # one learned matrix per target). Measured on the default job (bench/RESULTS.md, issue 24):
-    # dyprag@1 0.931 against 0.627 for "linear" on the mean token embedding, whose birth years
-    # were 0.04. DyPRAG's per-layer MLPs on the retriever's embedding: configs/base/paper.yaml.
+    # one learned matrix per target). Unlike "linear" on the mean token embedding, it learns
+    # the birth years (bench/RESULTS.md, "DyPRAG as good as PRAG on the default job"). DyPRAG's
+    # per-layer MLPs on the retriever's embedding: configs/base/paper.yaml.
     architecture: Literal["per_layer", "shared", "linear", "attention"] = "attention"
     hidden: int = 32
     target_embed_dim: int = 32
     # ``linear`` and ``attention``: every target's B reads one shared projection of its input to
-    # this width (0: the input itself). Sizes the translator: SmolLM2's 10 top layers at rank 8
-    # hold 168M weights without one, 19M with 64; the world's attention translator 29M without
-    # (which learned less in an epoch: dyprag@1 0.224), 3.9M with 128.
+    # this width (0: the input itself). It sizes the translator, which without one is many
+    # times larger and learned less in an epoch (bench/RESULTS.md, issues 23 and 24).
     bottleneck: int = 128
     # The document embedding it reads: the retriever's, the base model's last-token state of
     # the passage ("llm", DyPRAG's), its mean input-token embedding ("tokens"), or its first
@@ -299,19 +296,18 @@ class TranslatorConfig(Section):
 class TrainConfig(Section):
     """The translator's fit (dyprag/fit.py, dyprag/distill.py)."""
 
-    # One epoch at 5e-3 over the world's 2,680 documents: the attention translator reads every
-    # fact but the birth year as well as PRAG within it; whether it learns the year (a hundred
-    # look-alike tokens) differs from fit to fit, and a second epoch did not settle it
-    # (bench/RESULTS.md, issue 24).
+    # One epoch at 5e-3 over the world's documents: the attention translator reads every fact
+    # but the birth year as well as PRAG within it; whether it learns the year (a hundred
+    # look-alike tokens) differs from fit to fit (bench/RESULTS.md, issue 24).
     epochs: int = 1
     batch_size: int = 32
     lr: float = 5e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
     # DyPRAG's weights. The MSE to the bank's deltas keeps the generated ΔW at the bank's
-    # scale: with the LM term alone the world's translator emitted one shared delta ~10⁹×
-    # the residual stream (ΔW cosine across documents 0.991) that drowned any passage in the
-    # prompt (dyprag+rag@3 0.137 against 0.644 with these; bench/RESULTS.md).
+    # scale: with the LM term alone the world's translator emitted one shared delta, far
+    # larger than the residual stream, that drowned any passage in the prompt
+    # (bench/RESULTS.md, "Composition (issue 15)").
     w_lm: float = 1.0
     w_kl: float = 0.01
     w_mse: float = 100.0

@@ -149,10 +149,11 @@ class EpochShuffle(Sampler[int]):
 
     With ``lengths``, consecutive batches of ``batch_size`` hold rows of similar lengths
     (``length_sorted`` over windows of ``window`` batches of the permutation): in the world
-    a document's closed-book questions are ~15 tokens and its questions with the passage ~65,
-    so random batches were 55% padding. ``spread`` (``length_sorted``'s) keeps rows of nearly
-    equal lengths mixed: sorted by exact length, a batch held one question template, and the
-    world's translator learned less from an epoch (dyprag@1 0.381 against 0.419)."""
+    a document's closed-book questions are a few times shorter than its questions with the
+    passage, so random batches were mostly padding. ``spread`` (``length_sorted``'s) keeps
+    rows of nearly equal lengths mixed: sorted by exact length, a batch held one question
+    template, and the world's translator learned less from an epoch (bench/RESULTS.md,
+    "The five-minute default job")."""
 
     def __init__(self, n: int, seed: int, lengths: Sequence[int] | None = None,
                  batch_size: int = 1, window: int = 64, spread: float = 0.5):

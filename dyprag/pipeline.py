@@ -28,7 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tqdm.auto import tqdm
 
 from dyprag import rundir
-from dyprag.answer import Knowledge, document_dependence, evaluate
+from dyprag.answer import Knowledge, evaluate_questions
 from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
 from dyprag.config import Config, dump, parse_mode
@@ -45,7 +45,6 @@ from dyprag.files import (
 )
 from dyprag.fit import fit_translator
 from dyprag.loggers import log_results
-from dyprag.metrics import f1_by_fact
 from dyprag.inject import inject_lora
 from dyprag.models import load_model, lora_layers
 from dyprag.prompts import prompt_format
@@ -311,7 +310,6 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
     clock = clock or StageClock()
     ev = config.eval
     fmt = prompt_format(tokenizer, config.prompt.format)
-    questions = [qa.question for qa in test]
     recall = {}
     if all("doc_id" in qa.meta for qa in test):
         recall = {f"recall@{k}": sum(qa.meta["doc_id"] in h[:k] for qa, h in zip(test, hits))
@@ -326,35 +324,28 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
             knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / rundir.BANK_EVAL,
                                                  config.bank, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
-    golds = [qa.answers for qa in test]
     dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in ev.modes)
     with clock("eval"), tqdm(total=len(ev.modes) + dyprag, desc="eval", unit="mode",
                              disable=rank_zero_only.rank != 0) as bar:
-        def done(mode: str, s: dict) -> None:
-            bar.write(f"[dyprag] eval {mode:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}  "
-                      f"acc {s['acc']:.3f}")
+        def done(step: str, s: dict) -> None:
+            if step == "document dependence":
+                if s:
+                    log(f"document dependence: dyprag@1 with an irrelevant document F1 "
+                        f"{s['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "
+                        f"{s['delta_cosine']:.3f}")
+            else:
+                bar.write(f"[dyprag] eval {step:14s} EM {s['em']:.3f}  F1 {s['f1']:.3f}  "
+                          f"acc {s['acc']:.3f}")
             bar.update()
 
-        grid, predictions = evaluate(model, tokenizer, ev.modes, questions, golds, hits,
-                                     knowledge, ev.max_new_tokens, ev.batch_size, progress=done,
-                                     fmt=fmt, scores=scores)
-        dependence = {}
-        if dyprag:
-            bar.set_postfix_str("document dependence")
-            dependence = document_dependence(model, tokenizer, questions, golds, hits, knowledge,
-                                             ev.max_new_tokens, ev.batch_size, fmt,
-                                             config.run.seed)
-            bar.update()
-        if dependence:
-            log(f"document dependence: dyprag@1 with an irrelevant document F1 "
-                f"{dependence['dyprag_irrelevant']:.3f}; mean ΔW cosine across documents "
-                f"{dependence['delta_cosine']:.3f}")
-    by_fact = f1_by_fact(predictions, golds, [qa.meta for qa in test])
+        result = evaluate_questions(model, tokenizer, ev.modes, test, hits, knowledge, ev, fmt,
+                                    config.run.seed, scores, progress=done)
+    grid, predictions = result.grid, result.predictions
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev.modes}}
                for i, qa in enumerate(test[:ev.samples])]
     return {"questions": len(test), **recall, "f1": {m: s["f1"] for m, s in grid.items()},
             "em": {m: s["em"] for m, s in grid.items()},
             "acc": {m: s["acc"] for m, s in grid.items()},
-            **({"f1_by_fact": by_fact} if by_fact else {}), **dependence,
+            **({"f1_by_fact": result.by_fact} if result.by_fact else {}), **result.dependence,
             "samples": samples}

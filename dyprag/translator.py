@@ -132,7 +132,7 @@ class ParameterTranslator(nn.Module):
             width = self.bottleneck or pooled
             self.b_maps = nn.ModuleDict({f"{layer}_{module}": _zero_linear(
                 width, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
-            # Embeddings standardised first (a token-mean embedding's entries are ~0.01: a
+            # Embeddings standardised first (a token-mean embedding's entries are tiny: a
             # linear map of them would need huge weights, which Adam grows slowly).
             if architecture == "linear" and input_norm == "standard":  # set by ``standardize``
                 self.register_buffer("in_mean", torch.zeros(embed_dim))

@@ -1,6 +1,6 @@
 """The embedded synthetic world: fictional entities, their bios, and questions about them.
 
-    python -m dyprag.world --config configs/world.yaml --out checkpoints/world
+    python -m dyprag.world --config configs/world.yaml --out /tmp/my-world
 
 A world is defined by a YAML schema (``configs/world.yaml``): an entity kind, name parts,
 attributes with closed value sets, bio / rewrite / question templates, and split sizes.
@@ -226,7 +226,7 @@ def load_entities(world_dir: str | Path) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic world's corpus and QA files.")
     parser.add_argument("--config", default="configs/world.yaml", help="world schema (YAML)")
-    parser.add_argument("--out", default="checkpoints/world", help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (a new one)")
     args = parser.parse_args()
     out = generate_world(load_schema(args.config), args.out)
     print(json.dumps(read_json(out / "meta.json")))

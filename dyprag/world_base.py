@@ -1,6 +1,6 @@
 """Pretrain the synthetic world's tiny base model: a word-level tokenizer and a small Llama.
 
-    python -m dyprag.world_base --world checkpoints/world --out checkpoints/base
+    python -m dyprag.world_base --world /tmp/my-world --out /tmp/my-base
 
 No LLM weights can be downloaded here, so the project builds its own base model. It is
 trained (Lightning) on two kinds of text, in curriculum order (see ``pretraining_texts``):
@@ -77,9 +77,8 @@ def pretraining_texts(world_dir: Path, single: int, multi: int, max_passages: in
     entities the model answers from memory and ignores the context). It comes in two stages:
 
     1. ``single`` one-passage examples, mostly partial bios, one question each: short
-       passages are where the copy-the-right-value skill is found at all (measured: with full
-       bios only, one-passage reading stayed at chance for 1,200 steps; with 1..5-sentence
-       passages it reached 0.73 on full bios after 3,500 steps);
+       passages are where the copy-the-right-value skill is found at all (with full bios
+       only, one-passage reading stayed at chance; bench/RESULTS.md, "world_baselines");
     2. ``multi`` examples with 1..``max_passages`` passages, half of them full bios, and
        ``questions_per_context`` questions each about one person: finding the right entity
        among several. Passages come in a retriever's order: the person asked about is first
@@ -183,7 +182,7 @@ class BaseModelPretraining(pl.LightningModule):
 
 SHIPPED = Path(__file__).parent / "assets" / "world-base"
 """The default world's base model (configs/world.yaml, the default recipe), in the package:
-``python train.py`` on a new machine copies it instead of pretraining (~200 s on 2 cores)."""
+``python train.py`` on a new machine copies it instead of pretraining it."""
 
 
 def pretrain_base(world_dir: str | Path, out_dir: str | Path,
@@ -276,8 +275,8 @@ def shared_base_dir(key: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the synthetic world's base model.")
-    parser.add_argument("--world", default="checkpoints/world", help="world directory")
-    parser.add_argument("--out", default="checkpoints/base", help="output directory")
+    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.world)")
+    parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
     args = parser.parse_args()
     out = pretrain_base(args.world, args.out, PretrainConfig(epochs=args.epochs))

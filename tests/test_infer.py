@@ -74,8 +74,9 @@ def test_only_retrieved_passages_are_read_and_a_foreign_corpus_is_named(tiny_run
         run.retrieve(questions[:1], 1)
 
 
-def test_batched_answers_equal_one_at_a_time(tiny_run, questions):
+def test_batched_answers_equal_one_at_a_time(tiny_run):
     _, out = tiny_run
+    questions = [s["question"] for s in json.loads((out / "eval.json").read_text())["samples"]]
     run = TrainedRun.open(out)
     hits = run.retrieve(questions, 3)
     batched = run.answer(questions, hits, "dyprag+rag@3", batch_size=len(questions))
