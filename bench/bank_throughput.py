@@ -31,7 +31,7 @@ import torch
 import transformers
 
 from dyprag.augment import TemplateAugmenter
-from dyprag.bank import build_bank, row_losses
+from dyprag.bank import bank_recipe, build_bank, row_losses
 from dyprag.config import BankConfig, load_config
 from dyprag.corpus import iter_corpus
 from dyprag.examples import collate, document_examples
@@ -118,7 +118,7 @@ def main() -> None:
         # PRAG's recipe (configs/base/paper.yaml), many documents per step.
         config = dataclasses.replace(load_config(PAPER, complete=False).bank,
                                      docs_per_step=args.docs_per_step, shard_size=max(args.docs, 1))
-        examples = [document_examples(d, config, tokenizer) for d in docs]
+        examples = [document_examples(d, bank_recipe(config), tokenizer) for d in docs]
         tokens = statistics.mean(len(tokenizer(t)["input_ids"])
                                  for ex in examples for seg in ex for t, _ in seg[:1])
         print(f"{len(docs)} documents × {len(examples[0])} examples (~{tokens:.0f} prompt "

@@ -61,7 +61,8 @@ def main() -> None:
     model = build_model(args)
     injection = inject_lora(model)
     torch.manual_seed(1)
-    translator = ParameterTranslator(injection.shapes, 384, rank=2, alpha=32.0).to(args.device, dtype)
+    translator = ParameterTranslator(injection.shapes, 384, rank=2, alpha=32.0,
+                                     architecture="per_layer").to(args.device, dtype)
     with torch.no_grad():  # nonzero B heads: the generated LoRAs are real work, not zeros
         for p in translator.parameters():
             p.add_(torch.randn_like(p) * 0.01)

@@ -65,8 +65,8 @@ def train_tokens_per_s(config: Config, out: Path, rows: int = 64) -> dict[str, f
         layers = None if name == "before" else lora_layers(config.model.lora_layers, model)
         shapes = inject_lora(model, layers).shapes
         fmt = prompt_format(tokenizer, config.prompt.format)
-        examples = [document_examples(d, translator_recipe(config), tokenizer, fmt,
-                                      config.train.passage_qa == "spread") for d in docs]
+        examples = [document_examples(d, translator_recipe(config.bank, config.train), tokenizer,
+                                      fmt) for d in docs]
         keep, n = [], 0
         for doc in examples:  # whole documents until ``rows`` rows
             if n >= rows:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from dyprag.augment import AugmentedDoc
 from dyprag.config import BankConfig
-from dyprag.examples import Segments, collate, document_examples
+from dyprag.examples import Recipe, Segments, collate, document_examples
 from dyprag.files import atomic_write_json, is_cached, open_safetensors, read_json, read_meta
 from dyprag.inject import inject_lora
 from dyprag.lora import Key, LoRA, combine
@@ -187,6 +187,11 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
+def bank_recipe(config: BankConfig) -> Recipe:
+    """The training sequences of a document's bank LoRA."""
+    return Recipe(config.qa_with_passage, config.qa_closed_book, config.text, config.loss_on)
+
+
 def _shared_init(shapes: dict[Key, tuple[int, int]], config: BankConfig) -> LoRA:
     """PRAG's init: A ~ Kaiming-uniform (as nn.Linear), B = 0, so ΔW starts at 0."""
     g = torch.Generator().manual_seed(config.seed)
@@ -221,7 +226,7 @@ def build_bank(model, tokenizer, docs: Sequence[AugmentedDoc], out_dir: str | Pa
             atomic_write_json(progress_path, {"fingerprint": key})
     _barrier()
 
-    examples = [document_examples(d, config, tokenizer, fmt) for d in docs]
+    examples = [document_examples(d, bank_recipe(config), tokenizer, fmt) for d in docs]
     init = _shared_init(shapes, config)
     shards = [list(range(s, min(s + config.shard_size, len(docs))))
               for s in range(0, len(docs), config.shard_size)]

@@ -38,6 +38,22 @@ LORA_LAYERS = re.compile(r"^(all|(?P<first>\d+)-(?P<last>\d+)?)$")
 """``model.lora_layers``: ``all``, ``A-B`` (layers A to B, inclusive) or ``A-`` (A to the last)."""
 
 
+# What "auto" means for each setting: (on a GPU, on a CPU). The one place it is decided.
+AUTO = {"device": ("cuda", "cpu"), "dtype": ("bfloat16", "float32"),
+        "precision": ("bf16-mixed", "32-true")}
+
+
+def auto(setting: str, value):
+    """``value``, or where it is ``"auto"`` the GPU's or the CPU's choice of ``setting``
+    (``AUTO``: ``model.device``, ``model.dtype``, ``train.precision``)."""
+    if value != "auto":
+        return value
+    gpu, cpu = AUTO[setting]
+    import torch  # only here: importing the config imports no torch
+
+    return gpu if torch.cuda.is_available() else cpu
+
+
 class ConfigError(ValueError):
     """Problems with a config, each ``field: what is wrong``."""
 

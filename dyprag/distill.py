@@ -202,11 +202,12 @@ class DistillationDataModule(pl.LightningDataModule):
 class TranslatorDistillation(pl.LightningModule):
     """Trains ``translator`` against a frozen ``model`` and the bank's LoRAs."""
 
-    def __init__(self, model, translator: ParameterTranslator, lr: float = 1e-3,
-                 weight_decay: float = 0.0, warmup_steps: int = 0, total_steps: int | None = None,
-                 w_lm: float = 1.0, w_kl: float = 0.01, w_mse: float = 100.0,
-                 mse_space: str = "delta", kl_on: str = "all",
-                 first_layer: int = 0):
+    def __init__(self, model, translator: ParameterTranslator, lr: float = TrainConfig.lr,
+                 weight_decay: float = TrainConfig.weight_decay,
+                 warmup_steps: int = TrainConfig.warmup_steps, total_steps: int | None = None,
+                 w_lm: float = TrainConfig.w_lm, w_kl: float = TrainConfig.w_kl,
+                 w_mse: float = TrainConfig.w_mse, mse_space: str = TrainConfig.mse_space,
+                 kl_on: str = TrainConfig.kl_on, first_layer: int = 0):
         super().__init__()
         if mse_space not in choices(TrainConfig, "mse_space"):
             raise ValueError(f"mse_space must be one of {choices(TrainConfig, 'mse_space')}, "

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dyprag.config import auto
 from dyprag.corpus import count_passages, iter_batches, iter_corpus
 from dyprag.files import atomic_path
 
@@ -48,7 +49,7 @@ def default_model_path() -> str:
 
 
 def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return auto("device", "auto")
 
 
 class Embedder:

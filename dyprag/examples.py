@@ -9,44 +9,60 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from dyprag.augment import AugmentedDoc
-from dyprag.config import BankConfig
 from dyprag.prompts import PLAIN, PromptFormat
 
 Segments = list[tuple[str, bool]]
 """One training sequence as consecutive (text, trained) pieces: loss on the trained ones."""
 
 
-def document_examples(doc: AugmentedDoc, config: BankConfig, tokenizer,
-                      fmt: PromptFormat = PLAIN, spread: bool = False) -> list[Segments]:
+@dataclass(frozen=True)
+class Recipe:
+    """Which training sequences a document gives (``document_examples``): the first
+    ``qa_with_passage`` QA pairs asked with each text (the passage and its rewrites), the last
+    ``qa_closed_book`` asked with none (the two overlap when they add up to more than the
+    document's pairs), with ``text`` the texts themselves, the loss on the answers or
+    (``loss_on: all``) on every token. The bank's: ``bank.bank_recipe``; the translator's:
+    ``fit.translator_recipe``."""
+
+    qa_with_passage: int
+    qa_closed_book: int
+    text: bool
+    loss_on: str = "answer"
+    spread: bool = False
+
+
+def document_examples(doc: AugmentedDoc, recipe: Recipe, tokenizer,
+                      fmt: PromptFormat = PLAIN) -> list[Segments]:
     """A document's training sequences (PRAG: 2 QA × {passage, rewrite} + 1 closed-book),
     asked in the run's prompt format.
 
-    ``spread``: the QA asked with a passage differ per text (passage, each rewrite), spread
+    ``recipe.spread``: the QA asked with a passage differ per text (passage, each rewrite), spread
     evenly over the document's pairs, instead of the first ``qa_with_passage`` asked with
     every text. The world's pairs come attribute by attribute, so the first ones all ask one
     fact: a translator trained on them learns to answer that fact whatever a passage is asked
     (bench/RESULTS.md, issue 23)."""
     texts = [doc.text, *doc.rewrites]
-    k = min(config.qa_with_passage, len(doc.qa))
-    if spread and k:
+    k = min(recipe.qa_with_passage, len(doc.qa))
+    if recipe.spread and k:
         slots = k * len(texts)  # (text, question) pairs, each a different QA where there are enough
         picks = [doc.qa[(m * len(doc.qa)) // slots] for m in range(slots)]
         asked = [(t, picks[i * k + j]) for i, t in enumerate(texts) for j in range(k)]
     else:
         asked = [(t, qa) for qa in doc.qa[:k] for t in texts]
-    closed = doc.qa[len(doc.qa) - min(config.qa_closed_book, len(doc.qa)):]
+    closed = doc.qa[len(doc.qa) - min(recipe.qa_closed_book, len(doc.qa)):]
     examples: list[Segments] = []
-    if config.text:
+    if recipe.text:
         examples += [[(t + (tokenizer.eos_token or ""), True)] for t in texts]
     examples += [[(fmt.prompt(qa["question"], [t]), False),
                   (fmt.target(qa["answer"], tokenizer), True)] for t, qa in asked]
     examples += [[(fmt.prompt(qa["question"]), False),
                   (fmt.target(qa["answer"], tokenizer), True)] for qa in closed]
-    if config.loss_on == "all":
+    if recipe.loss_on == "all":
         examples = [[(text, True) for text, _ in ex] for ex in examples]
     return examples
 

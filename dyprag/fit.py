@@ -1,10 +1,16 @@
 """The translator stage of ``train.py``: a Lightning fit with checkpoints and resume.
 
-    translator = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out)
+    fitted = fit_translator(model, tokenizer, docs, bank, embeddings, model_id, out,
+                            translator_config=config.translator, train_config=config.train,
+                            recipe=translator_recipe(config.bank, config.train),
+                            fmt=fmt, loggers=loggers, seed=config.run.seed,
+                            val_fraction=config.data.val_fraction,
+                            max_new_tokens=config.eval.max_new_tokens)
 
-- data: the bank's documents split into training and held-out ones (``data.val_fraction``,
-  seeded); each row is (document embedding, bank LoRA, one augmented training example);
-- logs: the run's loggers (``dyprag.loggers``: CSV and W&B);
+- data: the bank's documents split into training and held-out ones (``val_fraction``,
+  seeded); each row is (document embedding, bank LoRA, one of the document's training
+  sequences, ``translator_recipe``);
+- logs: the loggers it is given (``dyprag.loggers``: CSV and W&B);
 - checkpoints: Lightning's ``<run>/lightning/last.ckpt`` (translator and optimizer only) for
   resuming while the fit runs, then the translator as safetensors + ``meta.json`` in
   ``<run>/translator/`` (and ``lightning/`` is removed);
@@ -30,8 +36,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dyprag import rundir
 from dyprag.augment import AugmentedDoc
-from dyprag.bank import BankConfig, LoRABank
-from dyprag.config import Config
+from dyprag.bank import LoRABank
+from dyprag.config import BankConfig, TrainConfig, TranslatorConfig, auto
 from dyprag.distill import (
     DistillationData,
     DistillationDataModule,
@@ -39,22 +45,20 @@ from dyprag.distill import (
     ValidationQuestions,
 )
 from dyprag.embed import EmbeddingTable
-from dyprag.examples import document_examples
+from dyprag.examples import Recipe, document_examples
 from dyprag.files import Unreadable, atomic_write_json, fingerprint, is_cached
 from dyprag.generate import generate_answers
 from dyprag.inject import inject_lora
-from dyprag.loggers import make_loggers
 from dyprag.metrics import score
 from dyprag.prefix import prefix_layer
 from dyprag.progress import FitProgress
-from dyprag.prompts import PLAIN, PromptFormat, prompt_format
+from dyprag.prompts import PLAIN, PromptFormat
 from dyprag.translator import ParameterTranslator, load_translator, save_translator
 
 
 @dataclass
 class Fitted:
     translator: ParameterTranslator
-    loggers: list[Logger]
     is_global_zero: bool
 
 
@@ -69,27 +73,23 @@ def split_documents(docs: list[AugmentedDoc], val_fraction: float,
             [d for i, d in enumerate(docs) if i in held])
 
 
-def translator_recipe(config: Config) -> BankConfig:
+def translator_recipe(bank: BankConfig, train: TrainConfig) -> Recipe:
     """The translator's training examples per document: the bank's QA recipe, plus
     (``train.qa_with_passage``) QA asked with the passage in the prompt (the generated LoRA
     must also leave reading intact: DyPRAG+context) and, with ``train.passage_lm``, the
     passage's own text (DyPRAG's translator trains on the QA only)."""
-    bank = config.bank
-    return dataclasses.replace(bank, text=config.train.passage_lm, qa_with_passage=max(
-        bank.qa_with_passage, config.train.qa_with_passage))
+    return Recipe(max(bank.qa_with_passage, train.qa_with_passage), bank.qa_closed_book,
+                  train.passage_lm, bank.loss_on, train.passage_qa == "spread")
 
 
-def _data(docs: list[AugmentedDoc], config: Config, tokenizer, fmt: PromptFormat,
+def _data(docs: list[AugmentedDoc], recipe: Recipe, tokenizer, fmt: PromptFormat,
           lora_bank: LoRABank, embeddings: EmbeddingTable,
           extra: Sequence[AugmentedDoc] = ()) -> DistillationData:
     """Rows of the bank's documents, then of ``extra`` ones (LM term only: no bank LoRA)."""
-    recipe = translator_recipe(config)
     every = [*docs, *extra]
     return DistillationData(tokenizer, embeddings.get([d.doc_id for d in every]),
                             lora_bank.get([d.doc_id for d in docs]),
-                            [document_examples(d, recipe, tokenizer, fmt,
-                                               config.train.passage_qa == "spread")
-                             for d in every],
+                            [document_examples(d, recipe, tokenizer, fmt) for d in every],
                             torch.tensor([1.0] * len(docs) + [0.0] * len(extra)))
 
 
@@ -118,33 +118,38 @@ def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], lim
                                   fmt=fmt), q.answers)["f1"]
 
 
-def _fingerprint(config: Config, bank: LoRABank, embeddings: EmbeddingTable, model_id: str,
-                 train: list[AugmentedDoc], val: list[AugmentedDoc], extra: list[str]) -> str:
-    keep = {k: v for k, v in dataclasses.asdict(config.train).items()
+def _fingerprint(translator: TranslatorConfig, fit: TrainConfig, seed: int, bank: LoRABank,
+                 embeddings: EmbeddingTable, model_id: str, train: list[AugmentedDoc],
+                 val: list[AugmentedDoc], extra: list[str]) -> str:
+    keep = {k: v for k, v in dataclasses.asdict(fit).items()
             if k not in ("accelerator", "devices", "strategy", "num_workers", "log_every_n_steps")}
-    parts = [dataclasses.asdict(config.translator), keep, bank.meta["fingerprint"], model_id,
-             config.run.seed, [d.doc_id for d in train], [d.doc_id for d in val],
+    parts = [dataclasses.asdict(translator), keep, bank.meta["fingerprint"], model_id,
+             seed, [d.doc_id for d in train], [d.doc_id for d in val],
              float(embeddings.get([d.doc_id for d in train[:8]]).sum()), embeddings.name, extra]
     return fingerprint(parts)
 
 
-def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
-                   embeddings: EmbeddingTable, model_id: str, out: Path,
-                   callbacks: list[pl.Callback] = (), extra: Sequence[AugmentedDoc] = ()) -> Fitted:
+def fit_translator(model, tokenizer, docs: list[AugmentedDoc], bank: LoRABank,
+                   embeddings: EmbeddingTable, model_id: str, out: Path, *,
+                   translator_config: TranslatorConfig, train_config: TrainConfig, recipe: Recipe,
+                   fmt: PromptFormat, loggers: list[Logger], seed: int, val_fraction: float,
+                   max_new_tokens: int, callbacks: list[pl.Callback] = (),
+                   extra: Sequence[AugmentedDoc] = ()) -> Fitted:
     """Fit (or load, or resume) the translator on ``docs`` (with bank LoRAs) and ``extra``
-    documents (LM term only; every embedding must be in ``embeddings``)."""
-    train_docs, val_docs = split_documents(docs, config.data.val_fraction, config.run.seed)
-    key = _fingerprint(config, bank, embeddings, model_id, train_docs, val_docs,
+    documents (LM term only; every embedding must be in ``embeddings``): the translator of
+    ``translator_config``, the fit of ``train_config``, ``recipe``'s training sequences asked
+    in ``fmt``; the fit F1 answers get ``max_new_tokens``."""
+    t, tr = translator_config, train_config
+    train_docs, val_docs = split_documents(docs, val_fraction, seed)
+    key = _fingerprint(t, tr, seed, bank, embeddings, model_id, train_docs, val_docs,
                        [d.text for d in extra])
     saved, ckpt_dir = out / rundir.TRANSLATOR, out / rundir.CHECKPOINTS
-    loggers = make_loggers(config, out)
     shapes = inject_lora(model).shapes
     if is_cached(saved / "meta.json", key):
-        translator, _ = load_translator(saved, model_id, shapes, device=model.device)
-        return Fitted(translator, loggers, rank_zero_only.rank == 0)
+        loaded, _ = load_translator(saved, model_id, shapes, device=model.device)
+        return Fitted(loaded, rank_zero_only.rank == 0)
 
-    t, tr = config.translator, config.train
-    pl.seed_everything(config.run.seed, verbose=False)
+    pl.seed_everything(seed, verbose=False)
     translator = ParameterTranslator(shapes, embeddings.dim, bank.rank, bank.meta["alpha"],
                                      t.architecture, t.hidden, t.target_embed_dim,
                                      bottleneck=t.bottleneck, queries=t.queries,
@@ -156,13 +161,12 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
                                     w_lm=tr.w_lm, w_kl=tr.w_kl, w_mse=tr.w_mse,
                                     mse_space=tr.mse_space,
                                     kl_on=tr.kl_on, first_layer=prefix_layer(model))
-    fmt = prompt_format(tokenizer, config.prompt.format)
     system.val_qa = _validation_questions(val_docs, tr.val_questions, tokenizer, embeddings,
                                           fmt)
     datamodule = DistillationDataModule(
-        _data(train_docs, config, tokenizer, fmt, bank, embeddings, extra),
-        _data(val_docs, config, tokenizer, fmt, bank, embeddings) if val_docs else None,
-        tr.batch_size, tr.num_workers, seed=config.run.seed)
+        _data(train_docs, recipe, tokenizer, fmt, bank, embeddings, extra),
+        _data(val_docs, recipe, tokenizer, fmt, bank, embeddings) if val_docs else None,
+        tr.batch_size, tr.num_workers, seed=seed)
     if system.first_layer:
         for data in filter(None, (datamodule.train, datamodule.val)):
             data.cache_states(model, system.first_layer, tr.batch_size)
@@ -170,7 +174,7 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     resume = _resume_point(ckpt_dir, key)
     trainer = pl.Trainer(
         max_epochs=tr.epochs, accelerator=tr.accelerator, devices=tr.devices,
-        strategy=tr.strategy, precision=_precision(tr.precision),
+        strategy=tr.strategy, precision=auto("precision", tr.precision),
         gradient_clip_val=tr.gradient_clip, logger=loggers,
         log_every_n_steps=min(tr.log_every_n_steps,
                               max(1, math.ceil(len(datamodule.train) / tr.batch_size))),
@@ -189,16 +193,16 @@ def fit_translator(config: Config, model, tokenizer, docs: list[AugmentedDoc], b
     if trainer.is_global_zero:
         translator.eval()
         fit = {name: fit_f1(model, translator, group, tr.val_questions, tokenizer, embeddings,
-                            fmt, config.eval.max_new_tokens)
+                            fmt, max_new_tokens)
                for name, group in (("seen", train_docs), ("held_out", val_docs))}
         save_translator(translator, saved, {
-            "base_model": model_id, "embedding": config.translator.embedding,
+            "base_model": model_id, "embedding": t.embedding,
             "embedder": embeddings.name,
             "embedding_dim": embeddings.dim, "fingerprint": key, "bank": bank.meta["fingerprint"],
             "train_docs": len(train_docs), "val_docs": len(val_docs), "epochs": tr.epochs,
             "dyprag_f1": fit})
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # resuming is over: the translator is saved
-    return Fitted(translator.eval(), loggers, trainer.is_global_zero)
+    return Fitted(translator.eval(), trainer.is_global_zero)
 
 
 def _resume_point(ckpt_dir: Path, key: str) -> str | None:
@@ -227,8 +231,3 @@ def _resume_point(ckpt_dir: Path, key: str) -> str | None:
         shutil.rmtree(ckpt_dir)
     return None
 
-
-def _precision(precision: str) -> str:
-    if precision == "auto":
-        return "bf16-mixed" if torch.cuda.is_available() else "32-true"
-    return precision

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dyprag.config import LORA_LAYERS
+from dyprag.config import LORA_LAYERS, auto
 from dyprag.files import atomic_dir
 
 MODULES = ("gate", "up", "down")
@@ -242,9 +242,8 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cuda = torch.cuda.is_available()
-    torch_dtype = resolve_dtype(("bfloat16" if cuda else "float32") if dtype == "auto" else dtype)
-    device = ("cuda" if cuda else "cpu") if device == "auto" else device
+    torch_dtype = resolve_dtype(auto("dtype", dtype))
+    device = auto("device", device)
     source = model_source(name_or_path)
     looks_local = Path(source).expanduser().exists() or source.startswith((".", "/", "~"))
     if looks_local and not (Path(source).expanduser() / "config.json").is_file():

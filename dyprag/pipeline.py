@@ -43,8 +43,8 @@ from dyprag.files import (
     is_cached,
     read_json,
 )
-from dyprag.fit import fit_translator
-from dyprag.loggers import log_results
+from dyprag.fit import fit_translator, translator_recipe
+from dyprag.loggers import log_results, make_loggers
 from dyprag.inject import inject_lora
 from dyprag.models import load_model, lora_layers
 from dyprag.prompts import prompt_format
@@ -265,8 +265,13 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
             log(f"{len(extra)} extra documents for the translator's LM term")
 
     with clock("translator"):
-        fitted = fit_translator(config, model, tokenizer, docs, bank, embeddings, model_id, out,
-                                extra=extra)
+        loggers = make_loggers(config, out)
+        fitted = fit_translator(model, tokenizer, docs, bank, embeddings, model_id, out,
+                                translator_config=config.translator, train_config=config.train,
+                                recipe=translator_recipe(config.bank, config.train), fmt=fmt,
+                                loggers=loggers, seed=config.run.seed,
+                                val_fraction=config.data.val_fraction,
+                                max_new_tokens=config.eval.max_new_tokens, extra=extra)
     if not fitted.is_global_zero:
         return None
     shown = read_passages(data.corpus, (d for h in hits for d in h))  # all a prompt can hold
@@ -279,7 +284,7 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     results["prompt_format"], results["augment"] = fmt.kind, augment_method(config)
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
     results["translator_fit_f1"] = read_json(out / rundir.TRANSLATOR / "meta.json").get("dyprag_f1", {})
-    log_results(fitted.loggers, results)
+    log_results(loggers, results)
     plot({"test questions": {m: {"f1": f1} for m, f1 in results["f1"].items()}},
          list(results["f1"]), out / rundir.PLOT)
     # The run is finished: its description last, then the attempt replaces the old run.

@@ -80,9 +80,10 @@ class ParameterTranslator(nn.Module):
     """
 
     def __init__(self, shapes: Mapping[Key, tuple[int, int]], embed_dim: int, rank: int,
-                 alpha: float, architecture: str = "per_layer", hidden: int = 32,
-                 target_embed_dim: int = 32, input_norm: str = "standard",
-                 bottleneck: int = 0, token_dim: int = 0, queries: int = 8):
+                 alpha: float, architecture: str, hidden: int = TranslatorConfig.hidden,
+                 target_embed_dim: int = TranslatorConfig.target_embed_dim,
+                 input_norm: str = "standard", bottleneck: int = TranslatorConfig.bottleneck,
+                 token_dim: int = 0, queries: int = TranslatorConfig.queries):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}")

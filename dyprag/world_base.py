@@ -32,7 +32,7 @@ import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
-from dyprag.config import PretrainConfig
+from dyprag.config import PretrainConfig, auto
 from dyprag.corpus import iter_corpus
 from dyprag.examples import Segments, length_sorted, pad, tokenize
 from dyprag.files import (
@@ -240,7 +240,7 @@ def pretrain_base(world_dir: str | Path, out_dir: str | Path,
                          logger=False, enable_checkpointing=False, gradient_clip_val=1.0,
                          callbacks=[FitProgress("pretraining")],
                          enable_model_summary=False, log_every_n_steps=10,
-                         precision="bf16-mixed" if torch.cuda.is_available() else "32-true")
+                         precision=auto("precision", "auto"))
     start = time.perf_counter()
     trainer.fit(system, loader)
     seconds = time.perf_counter() - start

@@ -39,7 +39,8 @@ def setup():
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                        head_scale=8.0)
     torch.manual_seed(0)
-    translator = ParameterTranslator(inject_lora(model).shapes, embed_dim=6, rank=2, alpha=4.0)
+    translator = ParameterTranslator(inject_lora(model).shapes, embed_dim=6, rank=2, alpha=4.0,
+                                     architecture="per_layer")
     with torch.no_grad():  # nonzero B: generated deltas that change answers
         for p in translator.parameters():
             p.add_(torch.randn_like(p) * 0.5)

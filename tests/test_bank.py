@@ -14,7 +14,7 @@ from torch.testing import assert_close
 
 import dyprag.bank as bank_mod
 from dyprag.augment import AugmentedDoc
-from dyprag.bank import BankConfig, LoRABank, build_bank
+from dyprag.bank import BankConfig, LoRABank, bank_recipe, build_bank
 from dyprag.config import load_config
 from dyprag.examples import document_examples
 from dyprag.generate import generate_answers
@@ -67,12 +67,12 @@ def test_prag_examples_two_qa_with_each_text_and_one_closed_book():
     _, tokenizer = setup()
     prag = load_config(Path(__file__).resolve().parents[1] / "configs" / "base" / "paper.yaml",
                        complete=False).bank
-    examples = document_examples(DOCS[0], prag, tokenizer)
+    examples = document_examples(DOCS[0], bank_recipe(prag), tokenizer)
     assert len(examples) == 5
     assert sum(ex[0][0].startswith("Passage:") for ex in examples) == 4
     assert examples[-1][0] == (qa_prompt("Birthplace of Idris Kael?"), False)
     assert examples[-1][1] == (" Velmora</s>", True)
-    whole = document_examples(DOCS[0], dataclasses.replace(prag, loss_on="all", text=True),
+    whole = document_examples(DOCS[0], bank_recipe(dataclasses.replace(prag, loss_on="all", text=True)),
                               tokenizer)
     assert len(whole) == 7 and all(trained for ex in whole for _, trained in ex)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -30,7 +32,8 @@ def setup(teacher_std: float = 0.05):
     model = tiny_model(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     shapes = inject_lora(model).shapes
     torch.manual_seed(0)
-    translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0)
+    translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0,
+                                     architecture="per_layer")
     teachers = LoRA.random(shapes, 2, 4.0, batch_size=2, std=teacher_std,
                            generator=torch.Generator().manual_seed(3))
     data = DistillationData(tokenizer, torch.randn(2, 8), teachers, EXAMPLES)
@@ -58,7 +61,8 @@ def _deep_setup(kl_on: str = "all"):
                        num_hidden_layers=4).to(torch.float64)
     shapes = inject_lora(model, [2, 3]).shapes
     torch.manual_seed(0)
-    translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0).double()
+    translator = ParameterTranslator(shapes, embed_dim=8, rank=2, alpha=4.0,
+                                     architecture="per_layer").double()
     with torch.no_grad():
         for p in translator.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -259,7 +263,8 @@ def test_the_translator_trains_on_qa_and_on_passages_only_when_asked():
     tokenizer = build_tokenizer([doc.text, *doc.rewrites, "Question: Answer: Passage: Where"])
 
     def texts(overrides: list[str]) -> list[str]:
-        recipe = translator_recipe(load_config(None, overrides))
+        config = load_config(None, overrides)
+        recipe = translator_recipe(config.bank, config.train)
         return ["".join(t for t, _ in ex) for ex in document_examples(doc, recipe, tokenizer)]
 
     qa_only = texts(["train.qa_with_passage=0"])
@@ -276,10 +281,11 @@ def test_spread_passage_questions_differ_per_text():
     doc = AugmentedDoc("d", "Idris was born in Velmora .", ["R1 .", "R2 ."], qa)
     tokenizer = build_tokenizer([doc.text, "R1 R2 Question: Answer: Passage:"] + [
         f"Q{i} A{i}" for i in range(10)])
-    recipe = translator_recipe(load_config(None, ["train.qa_with_passage=1"]))
+    config = load_config(None, ["train.qa_with_passage=1"])
+    recipe = translator_recipe(config.bank, config.train)
 
     def asked(spread: bool) -> list[tuple[str, str]]:
-        rows = document_examples(doc, recipe, tokenizer, spread=spread)
+        rows = document_examples(doc, dataclasses.replace(recipe, spread=spread), tokenizer)
         with_text = [ex[0][0] for ex in rows if ex[0][0].startswith("Passage:")]
         return [(p.split("Passage: ")[1].split(" Question")[0].strip(), p.split("Question: ")[1].split()[0])
                 for p in with_text]
@@ -288,8 +294,10 @@ def test_spread_passage_questions_differ_per_text():
     spread = asked(True)
     assert [t for t, _ in spread] == [doc.text, "R1 .", "R2 ."]
     assert [q for _, q in spread] == ["Q0?", "Q3?", "Q6?"]  # one per text, spread over ten
-    closed = lambda s: [ex for ex in document_examples(doc, recipe, tokenizer, spread=s)  # noqa: E731
-                        if not ex[0][0].startswith("Passage:")]
+    def closed(spread: bool) -> list:
+        rows = document_examples(doc, dataclasses.replace(recipe, spread=spread), tokenizer)
+        return [ex for ex in rows if not ex[0][0].startswith("Passage:")]
+
     assert closed(True) == closed(False)
 
 

@@ -20,6 +20,7 @@ def make(architecture: str, arch: str = "llama", **kwargs) -> tuple:
     model = tiny_model(arch)
     shapes = inject_lora(model).shapes
     torch.manual_seed(0)
+    kwargs = {"bottleneck": 0, **kwargs}  # B reads the input itself (the config's is wider)
     if architecture == "attention":  # 16 = 4 tokens of 4 dims
         kwargs = {"token_dim": 4, "queries": 2, **kwargs}
     return model, ParameterTranslator(shapes, embed_dim=16, rank=2, alpha=32.0,
