@@ -35,7 +35,7 @@ def datasets(args, run) -> list[tuple[str, list]]:
     if not args.qa:  # the run's own test split (--limit within it, never a training question)
         data = run.config.data
         name = "qa_test" if data.kind == "world" else Path(data.test_qa).stem
-        return [(name, rundir.first(rundir.questions(run.config, run.path)[1], args.limit))]
+        return [(name, rundir.first(rundir.questions(run.config.data, run.path)[1], args.limit))]
     out = []
     for spec in args.qa:
         path, _, fmt = spec.partition(":")

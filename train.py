@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         print(dump(config), end="")
         return
     try:
-        refuse_non_run(run_dir(config))
-        with lock(run_dir(config)):  # one writer per run, until the run is published
+        refuse_non_run(run_dir(config.run))
+        with lock(run_dir(config.run)):  # one writer per run, until the run is published
             _train(config, args)
     except (RunBusy, NotARun) as err:
         _fail(f"error: {err}")
@@ -110,7 +110,7 @@ def _train(config, args) -> None:
         _fail(f"error ({err.stage} stage): {err}")
     if results is not None:
         print(table(results))
-        print(next_steps(run_dir(config), results))
+        print(next_steps(run_dir(config.run), results))
 
 
 if __name__ == "__main__":

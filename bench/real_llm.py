@@ -56,7 +56,7 @@ def train_tokens_per_s(config: Config, out: Path, rows: int = 64) -> dict[str, f
     """The translator's training step on the same ``rows`` training rows (the run's first
     documents, each with a teacher), timed ``before`` (every layer, full logits, no cache)
     and ``after`` (the config's layers, KL recipe and cache, the cache's cost included)."""
-    load_path, _ = base_model(config, out)
+    load_path, _ = base_model(config.model.name, out)
     docs = read_augmented(out / "augmented.jsonl")
     embed_dim = read_json(out / "translator" / "meta.json")["embedding_dim"]  # the run's input
     result = {}

@@ -31,7 +31,17 @@ from dyprag import rundir
 from dyprag.answer import Knowledge, evaluate_questions
 from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
-from dyprag.config import Config, dump, parse_mode
+from dyprag.config import (
+    AugmentConfig,
+    BankConfig,
+    Config,
+    DataConfig,
+    EvalConfig,
+    IndexConfig,
+    ModelConfig,
+    dump,
+    parse_mode,
+)
 from dyprag.corpus import read_passages
 from dyprag.embed import EmbeddingTable, document_encoder
 from dyprag.files import (
@@ -47,7 +57,7 @@ from dyprag.fit import fit_translator, translator_recipe
 from dyprag.loggers import log_results, make_loggers
 from dyprag.inject import inject_lora
 from dyprag.models import load_model, lora_layers
-from dyprag.prompts import prompt_format
+from dyprag.prompts import PromptFormat, prompt_format
 from dyprag.qa import QAExample
 from dyprag.report import plot
 from dyprag.retrieval import Retriever, build_retriever
@@ -67,79 +77,90 @@ def log(message: str) -> None:
 
 
 # ---- stages -----------------------------------------------------------------------------------
-def stage_data(config: Config, out: Path) -> Data:
+def stage_data(data: DataConfig, out: Path) -> Data:
     """The synthetic world generated into the run (``data.kind: world``), and the run's
     questions (``rundir.questions``)."""
     world = None
-    if config.data.kind == "world":
+    if data.kind == "world":
         from dyprag.world import generate_world, load_schema
 
-        schema = Path(config.data.world)
+        schema = Path(data.world)
         if not schema.is_file() and not schema.is_absolute():  # run from another directory
             schema = Path(__file__).resolve().parents[1] / schema
         world = generate_world(load_schema(schema), out / rundir.WORLD)
-    train, test = rundir.questions(config, out)
-    return Data(rundir.corpus_path(config, out), train, test, world)
+    train, test = rundir.questions(data, out)
+    return Data(rundir.corpus_path(data, out), train, test, world)
 
 
-def stage_base(config: Config, data: Data, out: Path, fresh: bool = False) -> tuple[str, str]:
+def stage_base(model: ModelConfig, data: Data, out: Path, fresh: bool = False) -> tuple[str, str]:
     """``(path or hub id to load, model id recorded in banks and checkpoints)``; the world's
     model is pretrained first (cached; ``fresh``: pretrained even so)."""
-    if config.model.name == "world":
+    if model.name == "world":
         from dyprag.world_base import pretrain_base
 
         start = time.perf_counter()
-        base = pretrain_base(data.world, out / rundir.BASE, config.model.pretrain, fresh)
+        base = pretrain_base(data.world, out / rundir.BASE, model.pretrain, fresh)
         log(f"base model ready ({time.perf_counter() - start:.0f}s; "
             f"pretraining took {read_json(base / 'pretrain.json')['seconds']}s)")
-    return rundir.base_model(config, out)
+    return rundir.base_model(model.name, out)
 
 
-def stage_index(config: Config, data: Data, out: Path) -> Retriever:
-    index = config.index
+def stage_index(index: IndexConfig, data: Data, out: Path) -> Retriever:
     return build_retriever(data.corpus, out / rundir.INDEX, method=index.method,
                            factory=index.factory, embedder=index.embedder)
 
 
-def training_documents(config: Config, data: Data, retriever: Retriever) -> list[str]:
-    """Documents the bank and translator learn from, in a fixed order."""
-    if config.data.train_docs == "gold":
+def training_documents(train_docs: str, k: int, data: Data, retriever: Retriever) -> list[str]:
+    """Documents the bank and translator learn from, in a fixed order: each training
+    question's gold document (``data.train_docs: gold``) or its top ``k`` retrieved ones."""
+    if train_docs == "gold":
         missing = [qa.id for qa in data.train if "doc_id" not in qa.meta]
         if missing:
             raise ValueError(f"data.train_docs is 'gold' but questions {missing[:3]} have no "
                              "meta.doc_id; use data.train_docs=retrieved")
         ids = [qa.meta["doc_id"] for qa in data.train]
     else:
-        hits = retriever.retrieve([qa.question for qa in data.train], k=config.index.k)
+        hits = retriever.retrieve([qa.question for qa in data.train], k=k)
         ids = [d for h in hits for d, _ in h]
     return list(dict.fromkeys(ids))
 
 
-def augment_method(config: Config) -> str:
-    """``augment.method`` resolved: ``auto`` is the world's templates, else the LLM."""
-    if config.augment.method == "auto":
-        return "template" if config.data.kind == "world" else "llm"
-    return config.augment.method
+def augment_method(augment: AugmentConfig, kind: str) -> str:
+    """``augment.method`` resolved for ``data.kind``: ``auto`` is the world's templates, else
+    the LLM."""
+    if augment.method == "auto":
+        return "template" if kind == "world" else "llm"
+    return augment.method
 
 
-def stage_augment(config: Config, data: Data, doc_ids: list[str], path: Path, model, tokenizer):
+@dataclass
+class Augmentation:
+    """How the run augments documents: ``augment``'s recipe by ``method`` (the base model
+    ``model_name`` writes, seeded by ``seed``, when it is ``llm``)."""
+
+    augment: AugmentConfig
+    method: str
+    seed: int
+    model_name: str
+
+
+def stage_augment(how: Augmentation, data: Data, doc_ids: list[str], path: Path, model,
+                  tokenizer):
     """Rewrites and QA pairs of ``doc_ids`` (cached line by line in ``path``, which is
     started over when the method changes); documents without QA pairs are left out."""
     passages = list(read_passages(data.corpus, doc_ids).values())
-    a, method = config.augment, augment_method(config)
+    a, method = how.augment, how.method
     if method == "template":
         augmenter = TemplateAugmenter(data.world)
     else:
         augmenter = LLMAugmenter.from_model(model, tokenizer, batch_size=a.batch_size,
-                                            seed=config.run.seed, rewrites=a.rewrites,
+                                            seed=how.seed, rewrites=a.rewrites,
                                             questions=a.questions, max_retries=a.max_retries)
     recipe = {k: v for k, v in dataclasses.asdict(a).items() if k != "batch_size"}
     key = "template" if method == "template" else fingerprint(
-        [method, recipe, config.model.name, augmenter.qa_prompt("P.")])  # the writer, its
+        [method, recipe, how.model_name, augmenter.qa_prompt("P.")])  # the writer, its
     marker = path.with_name(path.name + ".json")                      # recipe and its wording
-    # A marker-less file is the world's templates' (written before markers existed).
-    if path.is_file() and not (is_cached(marker, key) or (not marker.is_file()
-                                                           and key == "template")):
+    if path.is_file() and not is_cached(marker, key):
         path.unlink()  # written by another method or recipe
     if not is_cached(marker, key):
         atomic_write_json(marker, {"fingerprint": key, "method": method})
@@ -151,14 +172,14 @@ def stage_augment(config: Config, data: Data, doc_ids: list[str], path: Path, mo
     return [records[d] for d in doc_ids if d in records and records[d].qa]
 
 
-def document_embeddings(config: Config, retriever: Retriever, encoder, data: Data,
+def document_embeddings(source: str, retriever: Retriever, encoder, data: Data,
                         doc_ids: list[str], out: Path) -> EmbeddingTable:
     """The translator's input for ``doc_ids`` (training documents and every test question's
     retrieved ones): the index's vectors (``translator.embedding: retriever``), or the base
     model's (``llm``: DyPRAG's last-token state; ``tokens``: the mean input-token embedding;
     ``token_list``: those embeddings one by one),
-    stored in the run (``rundir.embedding_files``) so that answering needs no extra forward."""
-    source = config.translator.embedding
+    stored in the run (``rundir.embedding_files``) so that answering needs no extra forward.
+    ``source``: ``translator.embedding``."""
     if source == "retriever":
         return retriever.embedding_table()
     passages = list(read_passages(data.corpus, doc_ids).values())
@@ -216,33 +237,35 @@ def run(config: Config, rebuild: tuple[str, ...] = ()) -> dict | None:
     try:
         return _run(config, rebuild, clock)
     except USER_ERRORS as err:
-        rebuild = (rundir.owning_stage(err.path, rundir.run_dir(config))
+        rebuild = (rundir.owning_stage(err.path, rundir.run_dir(config.run))
                    if isinstance(err, Unreadable) else None)
         raise StageError(clock.failed or "run", err, rebuild) from err
 
 
 def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | None:
     torch.manual_seed(config.run.seed)
-    final = rundir.run_dir(config)
+    final = rundir.run_dir(config.run)
     out = rundir.begin(final, rebuild, main_process=rank_zero_only.rank == 0)
     if out != final:
         log(f"{final} is a finished run: this attempt works in {out} and replaces it only "
             "when it finishes")
     started = time.perf_counter()
     with clock("data"):
-        data = stage_data(config, out)
+        data = stage_data(config.data, out)
     log(f"data: {len(data.train)} training and {len(data.test)} test questions")
     with clock("base"):
-        load_path, model_id = stage_base(config, data, out, fresh="base" in rebuild)
+        load_path, model_id = stage_base(config.model, data, out, fresh="base" in rebuild)
         model, tokenizer = load_model(load_path, dtype=config.model.dtype,
                                       device=config.model.device)
         inject_lora(model, lora_layers(config.model.lora_layers, model))  # also freezes it
     with clock("index"):
-        retriever = stage_index(config, data, out)
+        retriever = stage_index(config.index, data, out)
 
+    how = Augmentation(config.augment, augment_method(config.augment, config.data.kind),
+                       config.run.seed, config.model.name)
     with clock("augment"):
-        doc_ids = training_documents(config, data, retriever)
-        docs = stage_augment(config, data, doc_ids, out / rundir.AUGMENTED, model, tokenizer)
+        doc_ids = training_documents(config.data.train_docs, config.index.k, data, retriever)
+        docs = stage_augment(how, data, doc_ids, out / rundir.AUGMENTED, model, tokenizer)
     log(f"augmented {len(docs)} training documents")
     fmt = prompt_format(tokenizer, config.prompt.format)
     log(f"prompt format: {fmt.kind}")
@@ -252,10 +275,10 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
         bank = LoRABank(bank_dir, base_model=model_id)
     log(f"bank of {len(bank)} documents ({read_json(bank_dir / 'meta.json')['train_seconds']}s)")
     with clock("embeddings"):
-        test, hits, scores = test_retrieval(config, data, retriever)
+        test, hits, scores = test_retrieval(config.eval, data, retriever)
         encoder = document_encoder(config.translator.embedding, model, tokenizer, model_id,
                                    retriever.embedder, config.translator.max_tokens)
-        embeddings = document_embeddings(config, retriever, encoder, data,
+        embeddings = document_embeddings(config.translator.embedding, retriever, encoder, data,
                                          doc_ids + [d for h in hits for d in h], out)
         extra = []
         if config.data.extra_docs and config.data.kind == "world":
@@ -275,13 +298,14 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     if not fitted.is_global_zero:
         return None
     shown = read_passages(data.corpus, (d for h in hits for d in h))  # all a prompt can hold
-    results = stage_eval(config, data, test, hits, scores, model, tokenizer, model_id, out,
+    results = stage_eval(config.eval, config.bank, how, fmt, config.run.seed, data, test, hits,
+                         scores, model, tokenizer, model_id, out,
                          Knowledge({d: p.text for d, p in shown.items()},
                                    translator=fitted.translator, embeddings=embeddings,
                                    missing_ok=True, config=config.knowledge), clock)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["stage_seconds"] = clock.seconds
-    results["prompt_format"], results["augment"] = fmt.kind, augment_method(config)
+    results["prompt_format"], results["augment"] = fmt.kind, how.method
     results["translator_params"] = sum(p.numel() for p in fitted.translator.parameters())
     results["translator_fit_f1"] = read_json(out / rundir.TRANSLATOR / "meta.json").get("dyprag_f1", {})
     log_results(loggers, results)
@@ -294,27 +318,27 @@ def _run(config: Config, rebuild: tuple[str, ...], clock: StageClock) -> dict | 
     return results
 
 
-def test_retrieval(config: Config, data: Data,
+def test_retrieval(ev: EvalConfig, data: Data,
                    retriever: Retriever) -> tuple[list[QAExample], list, list]:
     """The evaluated questions, their top-k document ids and their retrieval scores (k: the
     largest of eval.modes)."""
-    test = rundir.first(data.test, config.eval.limit)
+    test = rundir.first(data.test, ev.limit)
     if not test:
         raise ValueError("no test questions to evaluate")
-    k_max = max([parse_mode(m)[1] for m in config.eval.modes] + [1])
+    k_max = max([parse_mode(m)[1] for m in ev.modes] + [1])
     hits = retriever.retrieve([qa.question for qa in test], k=k_max)
     return test, [[d for d, _ in h] for h in hits], [[s for _, s in h] for h in hits]
 
 
-def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[list[str]],
+def stage_eval(ev: EvalConfig, bank_config: BankConfig, how: Augmentation, fmt: PromptFormat,
+               seed: int, data: Data, test: list[QAExample], hits: list[list[str]],
                scores: list[list[float]], model, tokenizer, model_id: str, out: Path,
                knowledge: Knowledge, clock: StageClock | None = None) -> dict:
-    """Every mode of ``eval.modes`` on the test questions; PRAG modes first train the bank
-    LoRAs of the documents retrieved for them (a second bank, ``bank-eval``). With a DyPRAG
-    mode, also the translator's ``document_dependence``."""
+    """Every mode of ``eval.modes`` on the test questions, asked in ``fmt``; PRAG modes first
+    train the bank LoRAs (``bank_config``) of the documents retrieved for them, augmented as
+    ``how`` says (a second bank, ``bank-eval``). With a DyPRAG mode, also the translator's
+    ``document_dependence`` (seeded by ``seed``)."""
     clock = clock or StageClock()
-    ev = config.eval
-    fmt = prompt_format(tokenizer, config.prompt.format)
     recall = {}
     if all("doc_id" in qa.meta for qa in test):
         recall = {f"recall@{k}": sum(qa.meta["doc_id"] in h[:k] for qa, h in zip(test, hits))
@@ -323,11 +347,10 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
     if prag_k:
         needed = list(dict.fromkeys(d for h in hits for d in h[:prag_k]))
         with clock("augment"):
-            docs = stage_augment(config, data, needed, out / rundir.AUGMENTED_EVAL, model,
-                                 tokenizer)
+            docs = stage_augment(how, data, needed, out / rundir.AUGMENTED_EVAL, model, tokenizer)
         with clock("bank"):
             knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / rundir.BANK_EVAL,
-                                                 config.bank, base_model=model_id,
+                                                 bank_config, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
     dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in ev.modes)
     with clock("eval"), tqdm(total=len(ev.modes) + dyprag, desc="eval", unit="mode",
@@ -344,7 +367,7 @@ def stage_eval(config: Config, data: Data, test: list[QAExample], hits: list[lis
             bar.update()
 
         result = evaluate_questions(model, tokenizer, ev.modes, test, hits, knowledge, ev, fmt,
-                                    config.run.seed, scores, progress=done)
+                                    seed, scores, progress=done)
     grid, predictions = result.grid, result.predictions
     samples = [{"question": qa.question, "gold": qa.answers[0],
                 **{m: predictions[m][i] for m in ev.modes}}

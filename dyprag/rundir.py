@@ -33,7 +33,7 @@ import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dyprag.config import Config, RunConfig
+from dyprag.config import Config, DataConfig, RunConfig
 from dyprag.files import atomic_write_json, linked_copy, read_json
 from dyprag.qa import QAExample, load_qa
 
@@ -73,11 +73,11 @@ EMBEDDER_HELP = ("the model id or path of the run's embedder, when it is not the
                  "is loaded (a run directory is data, not code)")
 
 
-def run_dir(config: Config) -> Path:
-    """The finished run's directory for ``config``; where it is a symlink, the directory it
-    points to (a rerun's staging copy and publication happen beside that one, and the link
-    stays)."""
-    return _target(Path(config.run.root) / config.run.name)
+def run_dir(run: RunConfig) -> Path:
+    """The finished run's directory, ``run.root/run.name``; where it is a symlink, the
+    directory it points to (a rerun's staging copy and publication happen beside that one,
+    and the link stays)."""
+    return _target(Path(run.root) / run.name)
 
 
 def _target(run: Path) -> Path:
@@ -182,18 +182,17 @@ def lock(run: Path):
 
 
 # ---- what a run holds -------------------------------------------------------------------------
-def corpus_path(config: Config, run: Path) -> Path:
+def corpus_path(data: DataConfig, run: Path) -> Path:
     """The corpus the run retrieves from: the world's (generated into the run) or
     ``data.corpus``."""
-    return run / WORLD / "corpus.jsonl" if config.data.kind == "world" else Path(config.data.corpus)
+    return run / WORLD / "corpus.jsonl" if data.kind == "world" else Path(data.corpus)
 
 
-def questions(config: Config, run: Path) -> tuple[list[QAExample], list[QAExample]]:
+def questions(data: DataConfig, run: Path) -> tuple[list[QAExample], list[QAExample]]:
     """The run's ``(training, test)`` questions: the world's splits, or ``data.train_qa`` and
     ``data.test_qa`` (the first ``data.train_questions`` / ``data.test_questions``). When the
     two are one file (PRAG's dev sets), its first ``test_questions`` test and the next
     ``train_questions`` train."""
-    data = config.data
     n_train, n_test = data.train_questions, data.test_questions
     if data.kind == "world":
         return (load_qa(run / WORLD / "qa_train.jsonl", limit=n_train),
@@ -222,12 +221,12 @@ def world_model_id(base: Path) -> str:
     return f"world:{read_json(base / 'pretrain.json')['fingerprint']}"
 
 
-def base_model(config: Config, run: Path) -> tuple[str, str]:
-    """``(path or hub id to load, model id recorded in banks and checkpoints)``: the world's
-    model pretrained into ``run/base``, or ``model.name``."""
-    if config.model.name == "world":
+def base_model(name: str, run: Path) -> tuple[str, str]:
+    """``(path or hub id to load, model id recorded in banks and checkpoints)`` of
+    ``model.name``: the world's model pretrained into ``run/base``, or the name itself."""
+    if name == "world":
         return str(run / BASE), world_model_id(run / BASE)
-    return config.model.name, config.model.name
+    return name, name
 
 
 def embedding_files(run: Path, source: str) -> tuple[Path, Path]:

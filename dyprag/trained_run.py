@@ -71,8 +71,8 @@ class TrainedRun:
                 raise RunError(f"{path} is not a finished run: {need} is missing "
                                "(train it with `python train.py`, or resume it)")
         config = load_config(path / rundir.CONFIG)
-        load_path, model_id = rundir.base_model(config, path)
-        corpus = rundir.corpus_path(config, path)
+        load_path, model_id = rundir.base_model(config.model.name, path)
+        corpus = rundir.corpus_path(config.data, path)
         model, tokenizer = load_model(load_path, dtype=config.model.dtype,
                                       device=device or config.model.device)
         injection = inject_lora(model, lora_layers(config.model.lora_layers, model))

@@ -19,8 +19,8 @@ its words, which generalises to unseen documents. The standardisation is per dim
 the training documents' mean and standard deviation (``standardize``): documents share most
 of their words, so their embeddings differ in a small part of their norm, which this makes
 the whole input (the world's translator learned in one epoch what took it two with a
-LayerNorm, and better: bench/RESULTS.md). Translators saved before it keep their LayerNorm
-(``input_norm``). The generated
+LayerNorm, and better: bench/RESULTS.md). A ``linear`` translator saved with a LayerNorm'd
+input, before the standardisation, is refused with its fix. The generated
 LoRA carries the bank's alpha and rank, hence the same scaling as the teacher (DyPRAG's
 reference code drops the scaling from generated deltas; we do not).
 
@@ -82,7 +82,7 @@ class ParameterTranslator(nn.Module):
     def __init__(self, shapes: Mapping[Key, tuple[int, int]], embed_dim: int, rank: int,
                  alpha: float, architecture: str, hidden: int = TranslatorConfig.hidden,
                  target_embed_dim: int = TranslatorConfig.target_embed_dim,
-                 input_norm: str = "standard", bottleneck: int = TranslatorConfig.bottleneck,
+                 bottleneck: int = TranslatorConfig.bottleneck,
                  token_dim: int = 0, queries: int = TranslatorConfig.queries):
         super().__init__()
         if architecture not in ARCHITECTURES:
@@ -95,9 +95,6 @@ class ParameterTranslator(nn.Module):
         self.embed_dim, self.rank, self.alpha = embed_dim, rank, float(alpha)
         self.architecture, self.hidden = architecture, hidden
         self.target_embed_dim = target_embed_dim
-        if input_norm not in ("standard", "layer"):
-            raise ValueError(f"input_norm must be 'standard' or 'layer', got {input_norm!r}")
-        self.input_norm = input_norm
         if bottleneck < 0:
             raise ValueError(f"bottleneck must be ≥ 0, got {bottleneck}")
         reads_tokens = architecture in TOKEN_ARCHITECTURES
@@ -135,11 +132,9 @@ class ParameterTranslator(nn.Module):
                 width, rank * self.shapes[(layer, module)][1]) for layer, module in self.keys})
             # Embeddings standardised first (a token-mean embedding's entries are tiny: a
             # linear map of them would need huge weights, which Adam grows slowly).
-            if architecture == "linear" and input_norm == "standard":  # set by ``standardize``
+            if architecture == "linear":  # set by ``standardize``
                 self.register_buffer("in_mean", torch.zeros(embed_dim))
                 self.register_buffer("in_std", torch.ones(embed_dim))
-            elif architecture == "linear":
-                self.norm = nn.LayerNorm(embed_dim, eps=1e-10, elementwise_affine=False)
             self.a = nn.ParameterDict({f"{layer}_{module}": nn.Parameter(
                 torch.randn(rank, self.shapes[(layer, module)][0], generator=g)
                 * self.shapes[(layer, module)][0] ** -0.5) for layer, module in self.keys})
@@ -175,8 +170,7 @@ class ParameterTranslator(nn.Module):
         if self.architecture in TOKEN_ARCHITECTURES:
             emb = self.pool(emb)
         elif self.architecture == "linear":
-            emb = ((emb - self.in_mean) / self.in_std if self.input_norm == "standard"
-                   else self.norm(emb))
+            emb = (emb - self.in_mean) / self.in_std
         if self.architecture == "linear" or self.architecture in TOKEN_ARCHITECTURES:
             if self.bottleneck:
                 emb = self.project(emb)
@@ -224,7 +218,7 @@ class ParameterTranslator(nn.Module):
     def standardize(self, embeddings: Tensor) -> None:
         """Set the ``linear`` translator's input statistics from its training documents'
         embeddings ``(N, D)``: per dimension, their mean and standard deviation."""
-        if self.architecture != "linear" or self.input_norm != "standard":
+        if self.architecture != "linear":
             return
         self.in_mean.copy_(embeddings.mean(0))
         self.in_std.copy_(embeddings.std(0).clamp_min(1e-8) if len(embeddings) > 1
@@ -245,7 +239,8 @@ class ParameterTranslator(nn.Module):
         """Everything needed to rebuild this module (for checkpoints' meta.json)."""
         return {"architecture": self.architecture, "embed_dim": self.embed_dim,
                 "rank": self.rank, "alpha": self.alpha, "hidden": self.hidden,
-                "target_embed_dim": self.target_embed_dim, "input_norm": self.input_norm,
+                "target_embed_dim": self.target_embed_dim,
+                "input_norm": "standard",  # marks a save made since the standardisation
                 "bottleneck": self.bottleneck, "token_dim": self.token_dim,
                 "queries": self.queries,
                 "shapes": {f"{k[0]}.{k[1]}": list(v) for k, v in self.shapes.items()}}
@@ -275,7 +270,11 @@ def load_translator(path: str | Path, base_model: str | None = None,
     if not (src / "meta.json").is_file():
         raise FileNotFoundError(f"{src} holds no translator checkpoint (no meta.json)")
     meta = read_meta(src, FORMAT, "translator", base_model)
-    config = {"input_norm": "layer", **meta["translator"]}  # saved before input_norm: layer
+    config = dict(meta["translator"])
+    # Saved before standardisation (no "input_norm" then), a linear translator read a LayerNorm'd input.
+    if config.pop("input_norm", "layer") != "standard" and config["architecture"] == "linear":
+        raise ValueError(f"translator {src} was saved by an older dyprag (a LayerNorm'd input); "
+                         "make it again: python train.py ... --rebuild translator")
     saved = {tuple((int(k.split(".")[0]), k.split(".")[1])): tuple(v)
              for k, v in config.pop("shapes").items()}
     if shapes is not None and dict(shapes) != saved:

@@ -159,9 +159,9 @@ def test_the_paper_configs_data_stage_reads_the_fetched_files(tmp_path, server, 
     for path in configs:
         config = load_config(path, ["data.test_questions=2", "data.train_questions=1"])
         # pipeline.stage_data for data.kind qa: the run's questions, and the corpus it retrieves from
-        train, test = rundir.questions(config, tmp_path / "run")
+        train, test = rundir.questions(config.data, tmp_path / "run")
         assert (len(train), len(test)) == (1, 2), path.name
-        assert next(iter_corpus(rundir.corpus_path(config, tmp_path / "run"))).id == "1"
+        assert next(iter_corpus(rundir.corpus_path(config.data, tmp_path / "run"))).id == "1"
 
 
 def test_already_there_makes_no_request(tmp_path, server, monkeypatch, capsys):

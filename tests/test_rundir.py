@@ -80,7 +80,7 @@ def test_a_symlinked_run_is_rerun_beside_its_target_and_stays_linked(tmp_path):
     (root / "tiny").symlink_to(target)
     config = load_config(None, [f"run.root={root}", "run.name=tiny"])
     for text in ("second", "third"):  # every rerun, not only the first
-        final = run_dir(config)
+        final = run_dir(config.run)
         out = begin(final)
         assert out.parent == target.parent
         (out / "translator" / "weights").unlink()
