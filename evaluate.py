@@ -122,7 +122,9 @@ def _evaluate(args, run, out: Path) -> int:
     atomic_write_jsonl(out / "predictions.jsonl", predictions)
     plot(grid, args.modes, out / "f1.png")
     if not args.no_wandb:
-        log_wandb(run, out, grid, args.modes, dependence)
+        from dyprag.loggers import log_grid
+
+        log_grid(run.config, out, grid, args.modes, dependence)
     print(report)
     print(f"wrote {out}/report.md, report.json, predictions.jsonl, f1.png", file=sys.stderr)
     return 0
@@ -131,27 +133,6 @@ def _evaluate(args, run, out: Path) -> int:
 def _progress(dataset: str, step: str, scores: dict) -> None:
     if step != "document dependence":
         print(f"{dataset} {step}: F1 {scores['f1']:.3f}  acc {scores['acc']:.3f}", file=sys.stderr)
-
-
-def log_wandb(run, out: Path, grid: dict, modes: list[str], dependence: dict) -> None:
-    """The grid as a W&B table, its W&B files under the report directory ``out``."""
-    import wandb
-
-    from dyprag.loggers import wandb_mode
-
-    w, mode = run.config.wandb, wandb_mode(run.config)
-    if mode == "disabled":
-        return
-    with wandb.init(project=w.project, name=f"{w.name or run.config.run.name}-eval",
-                    dir=str(out), mode=mode, job_type="eval") as wb:
-        columns = ["dataset", "mode", "em", "f1", "acc", "ms_per_question"]
-        rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["acc"], s[m]["ms_per_question"]]
-                for name, s in grid.items() for m in modes]
-        wb.log({"eval/grid": wandb.Table(columns=columns, data=rows)})
-        wb.summary.update({f"eval/{key}/{name}/{m}": s[m][key] for key in ("f1", "acc")
-                           for name, s in grid.items() for m in modes})
-        wb.summary.update({f"eval/{key}/{name}": v for name, d in dependence.items()
-                           for key, v in d.items()})
 
 
 if __name__ == "__main__":

@@ -106,7 +106,8 @@ def mode_prompts(mode: str, questions: Sequence[str], hits: Hits,
 
 
 def answer(model, tokenizer, mode: str, questions: Sequence[str], hits: Hits,
-           knowledge: Knowledge, max_new_tokens: int = 8, batch_size: int = 64,
+           knowledge: Knowledge, max_new_tokens: int = EvalConfig.max_new_tokens,
+           batch_size: int = EvalConfig.batch_size,
            fmt: PromptFormat = PLAIN, scores: Scores | None = None) -> list[str]:
     """Greedy answers to ``questions`` in ``mode``; LoRAs are built one batch at a time
     (a real model's per-question LoRAs are large). ``scores``: the retrieval scores of
@@ -129,7 +130,8 @@ def answer(model, tokenizer, mode: str, questions: Sequence[str], hits: Hits,
 
 def evaluate(model, tokenizer, modes: Sequence[str], questions: Sequence[str],
              golds: Sequence[Sequence[str]], hits: Hits, knowledge: Knowledge,
-             max_new_tokens: int = 8, batch_size: int = 64, progress=None,
+             max_new_tokens: int = EvalConfig.max_new_tokens,
+             batch_size: int = EvalConfig.batch_size, progress=None,
              fmt: PromptFormat = PLAIN, scores: Scores | None = None
              ) -> tuple[dict[str, dict], dict[str, list[str]]]:
     """Scores (``{mode: {"em", "f1", "acc", "n", "ms_per_question"}}``: batched wall time, knowledge
@@ -167,7 +169,8 @@ MAX_COSINE_DOCS = 256  # documents whose pairwise ΔW cosines are averaged
 
 def document_dependence(model, tokenizer, questions: Sequence[str],
                         golds: Sequence[Sequence[str]], hits: Hits, knowledge: Knowledge,
-                        max_new_tokens: int = 8, batch_size: int = 64,
+                        max_new_tokens: int = EvalConfig.max_new_tokens,
+                        batch_size: int = EvalConfig.batch_size,
                         fmt: PromptFormat = PLAIN, seed: int = 0) -> dict[str, float]:
     """Does the translator read its document? ``dyprag_irrelevant``: F1 of ``dyprag@1`` with
     another question's document (``irrelevant_hits``; near the closed book when it does);

@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
+from dyprag.config import AugmentConfig
 from dyprag.corpus import Passage, iter_corpus
 from dyprag.files import read_json, unshare
 from dyprag.world import load_entities
@@ -215,8 +216,9 @@ def plain_chat(messages: list[dict[str, str]]) -> str:
 class LLMAugmenter:
     """Rewrites and QA pairs written by an LLM through ``generate`` (see ``from_model``)."""
 
-    def __init__(self, generate: Generate, rewrites: int = 1, questions: int = 3,
-                 max_retries: int = 2, chat: Chat | None = None):
+    def __init__(self, generate: Generate, rewrites: int = AugmentConfig.rewrites,
+                 questions: int = AugmentConfig.questions,
+                 max_retries: int = AugmentConfig.max_retries, chat: Chat | None = None):
         if max_retries < 0:
             raise ValueError(f"max_retries must be ≥ 0, got {max_retries}")
         self.generate, self.rewrites, self.questions = generate, rewrites, questions
@@ -224,7 +226,8 @@ class LLMAugmenter:
         self.chat = chat or plain_chat
 
     @classmethod
-    def from_model(cls, model, tokenizer, max_new_tokens: int = 256, batch_size: int = 8,
+    def from_model(cls, model, tokenizer, max_new_tokens: int = 256,
+                   batch_size: int = AugmentConfig.batch_size,
                    seed: int = 0, **kwargs: Any) -> LLMAugmenter:
         """Batched ``generate`` of a Hugging Face model; the chat template when it has one.
 

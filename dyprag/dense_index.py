@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from dyprag.config import IndexConfig
 from dyprag.files import atomic_path, atomic_write_json, atomic_write_jsonl, read_json
 
 FORMAT = "dyprag-dense-index"
@@ -118,7 +119,7 @@ class DenseIndex:
         return f"DenseIndex({self.meta.get('factory')!r}, n={len(self)}, dim={self.dim}, {where})"
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, ids: list[str], factory: str = "Flat",
+    def build(cls, embeddings: np.ndarray, ids: list[str], factory: str = IndexConfig.factory,
               meta: dict[str, Any] | None = None, *, search_params: dict[str, float] | None = None,
               train_size: int = 100_000, seed: int = 0, use_gpu: bool | None = None,
               show_progress: bool = False) -> DenseIndex:

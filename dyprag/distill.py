@@ -182,7 +182,8 @@ class DistillationDataModule(pl.LightningDataModule):
     training rows in a ``seed``ed order per epoch, batched by length (``EpochShuffle``)."""
 
     def __init__(self, train: DistillationData, val: DistillationData | None = None,
-                 batch_size: int = 32, num_workers: int = 0, seed: int = 0):
+                 batch_size: int = TrainConfig.batch_size,
+                 num_workers: int = TrainConfig.num_workers, seed: int = 0):
         super().__init__()
         self.train, self.val = train, val
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dyprag.config import auto
+from dyprag.config import TranslatorConfig, auto
 from dyprag.corpus import count_passages, iter_batches, iter_corpus
 from dyprag.files import atomic_path
 
@@ -209,7 +209,7 @@ class TokenListEmbedder(LLMEmbedder):
     the tokens one by one (a mean cannot say which of a hundred years a passage names).
     ``token_dim`` is the width of one token."""
 
-    def __init__(self, model, tokenizer, name: str, max_tokens: int = 64):
+    def __init__(self, model, tokenizer, name: str, max_tokens: int = TranslatorConfig.max_tokens):
         super().__init__(model, tokenizer, name)
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be ≥ 1, got {max_tokens}")
@@ -229,7 +229,7 @@ class TokenListEmbedder(LLMEmbedder):
 
 def document_encoder(source: str, model, tokenizer, model_id: str,
                      retriever_embedder: Embedder | None = None,
-                     max_tokens: int = 64) -> Embedder:
+                     max_tokens: int = TranslatorConfig.max_tokens) -> Embedder:
     """What makes the translator's document embeddings (``translator.embedding``): the
     retriever's embedder, the base model's last-token state (``llm``), its mean input-token
     embedding (``tokens``) or its first ``max_tokens`` input-token embeddings (``token_list``)."""

@@ -37,7 +37,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from dyprag import rundir
 from dyprag.augment import AugmentedDoc
 from dyprag.bank import LoRABank
-from dyprag.config import BankConfig, TrainConfig, TranslatorConfig, auto
+from dyprag.config import BankConfig, EvalConfig, TrainConfig, TranslatorConfig, auto
 from dyprag.distill import (
     DistillationData,
     DistillationDataModule,
@@ -106,7 +106,7 @@ def _validation_questions(docs: list[AugmentedDoc], limit: int, tokenizer,
 
 def fit_f1(model, translator: ParameterTranslator, docs: list[AugmentedDoc], limit: int,
            tokenizer, embeddings: EmbeddingTable, fmt: PromptFormat = PLAIN,
-           max_new_tokens: int = 8) -> float | None:
+           max_new_tokens: int = EvalConfig.max_new_tokens) -> float | None:
     """DyPRAG F1 on the augmented questions of ``docs``, each with its own document's
     generated LoRA: on training documents it measures fit, on held-out ones generalisation."""
     q = _validation_questions(docs, limit, tokenizer, embeddings, fmt)

@@ -8,14 +8,16 @@ from collections.abc import Sequence
 
 import torch
 
+from dyprag.config import EvalConfig
 from dyprag.inject import inject_lora
 from dyprag.lora import LoRA
 from dyprag.prompts import PLAIN, PromptFormat
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 8,
-                     batch_size: int = 64, lora: LoRA | None = None,
+def generate_answers(model, tokenizer, prompts: Sequence[str],
+                     max_new_tokens: int = EvalConfig.max_new_tokens,
+                     batch_size: int = EvalConfig.batch_size, lora: LoRA | None = None,
                      fmt: PromptFormat = PLAIN, last_only: bool = False) -> list[str]:
     """Greedy answers for ``prompts`` (left-padded batches), decoded without specials and
     read with ``fmt.extract``.

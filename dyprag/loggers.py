@@ -3,7 +3,8 @@
 - CSV: ``<run>/logs/version_N/metrics.csv``, a new ``N`` for every attempt (a rerun or a resume
   adds one, nothing is deleted), and ``samples.csv`` beside it;
 - W&B: ``<run>/wandb/``, one run per attempt, offline unless the user configured W&B or set
-  ``wandb.mode=online``.
+  ``wandb.mode=online``; evaluate.py's grid (``log_grid``) as a W&B run of its own beside its
+  reports.
 """
 
 from __future__ import annotations
@@ -76,3 +77,23 @@ def log_results(loggers: list[Logger], results: dict) -> None:
         writer.writeheader()
         writer.writerows(samples)
         atomic_write_text(csv_dirs[0] / "samples.csv", text.getvalue())
+
+
+def log_grid(config: Config, out: Path, grid: dict, modes: list[str], dependence: dict) -> None:
+    """evaluate.py's grid (dataset → mode → scores) as a W&B table, with F1/acc and the document
+    dependence in the run's summary; its W&B files under the report directory ``out``."""
+    import wandb
+
+    w, mode = config.wandb, wandb_mode(config)
+    if mode == "disabled":
+        return
+    with wandb.init(project=w.project, name=f"{w.name or config.run.name}-eval",
+                    dir=str(out), mode=mode, job_type="eval") as wb:
+        columns = ["dataset", "mode", "em", "f1", "acc", "ms_per_question"]
+        rows = [[name, m, s[m]["em"], s[m]["f1"], s[m]["acc"], s[m]["ms_per_question"]]
+                for name, s in grid.items() for m in modes]
+        wb.log({"eval/grid": wandb.Table(columns=columns, data=rows)})
+        wb.summary.update({f"eval/{key}/{name}/{m}": s[m][key] for key in ("f1", "acc")
+                           for name, s in grid.items() for m in modes})
+        wb.summary.update({f"eval/{key}/{name}": v for name, d in dependence.items()
+                           for key, v in d.items()})

@@ -44,7 +44,7 @@ class Retriever:
     "hybrid" fuses the top ``fusion_depth`` of each (at least k) with reciprocal rank fusion.
     """
 
-    def __init__(self, method: str = "dense", embedder: Embedder | None = None,
+    def __init__(self, method: str = IndexConfig.method, embedder: Embedder | None = None,
                  dense: DenseIndex | None = None, bm25: BM25Index | None = None,
                  embeddings: np.ndarray | None = None, fusion_depth: int = 50):
         if method not in METHODS:
@@ -117,8 +117,9 @@ def _doc_embeddings(corpus_path: Path, out: Path, fingerprint: str, embedder: Em
     return emb
 
 
-def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike, method: str = "dense",
-                    factory: str = "Flat", embedder: Embedder | str | None = None, *,
+def build_retriever(corpus_path: str | os.PathLike, out_dir: str | os.PathLike,
+                    method: str = IndexConfig.method, factory: str = IndexConfig.factory,
+                    embedder: Embedder | str | None = None, *,
                     search_params: dict[str, float] | None = None,
                     show_progress: bool = True) -> Retriever:
     """Build (or reuse from ``out_dir``) what ``method`` needs, and return the Retriever.
