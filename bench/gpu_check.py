@@ -173,7 +173,8 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: test the plumbing")
     parser.add_argument("--out", help="folder for gpu_check.json (rewritten after each check)")
     parser.add_argument("--bank-docs", type=int, help="bank_throughput's --docs (default 64; dry run 8)")
-    parser.add_argument("--bank-model", help="bank_throughput's --model (default small; dry run world)")
+    parser.add_argument("--bank-model", choices=sorted(bank_throughput.SHAPES),
+                        help="bank_throughput's --model (default small; dry run world)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["inject", "bank", "world"])
     parser.add_argument("overrides", nargs="*", help="world job config overrides, as train.py's")
     args = parser.parse_args()
@@ -190,10 +191,12 @@ def main() -> None:
     result = {"dry_run": args.dry_run, "device": torch.cuda.get_device_name() if cuda else "cpu",
               "torch": torch.__version__, "inject": None, "bank": None, "world": None, "peak_gpu_mib": {},
               "skipped": [{"check": c, "reason": "--skip"} for c in args.skip]}
-    if "world" not in args.skip and importlib.util.find_spec("bm25s") is None:
-        args.skip.append("world")
-        result["skipped"].append({"check": "world", "reason": "bm25s is not installed (index.method=bm25 "
-                                  "needs it): carry its wheel, see this script's docstring"})
+    for package, why in (("bm25s", "index.method=bm25 needs it: carry its wheel, see this "
+                                   "script's docstring"),
+                         ("matplotlib", "the job's F1 plot needs it")):
+        if "world" not in args.skip and importlib.util.find_spec(package) is None:
+            args.skip.append("world")
+            result["skipped"].append({"check": "world", "reason": f"{package} is not installed ({why})"})
     started = time.perf_counter()
 
     def save() -> None:
@@ -201,29 +204,33 @@ def main() -> None:
             out.mkdir(parents=True, exist_ok=True)
             (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
 
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
-        for name, fn in [("inject", lambda: check_inject(args)), ("bank", lambda: check_bank(args)),
-                         ("world", lambda: check_world(args, Path(tmp)))]:
-            if name in args.skip:
-                continue
-            print(f"== {name}", flush=True)
-            if cuda:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            try:
-                result[name] = fn()
-            except Exception as err:  # noqa: BLE001 — recorded; the other checks still run
-                traceback.print_exc()
-                result[name] = {"error": f"{type(err).__name__}: {err}"}
-            if cuda:
-                result["peak_gpu_mib"][name] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            save()
-    result["peak_gpu_mib"]["max"] = max(result["peak_gpu_mib"].values(), default=None)
-    result["seconds"] = round(time.perf_counter() - started, 1)
-    result["failed"] = [k for k in ("inject", "bank", "world") if isinstance(result[k], dict)
-                        and ("error" in result[k] or result[k].get("pass") is False)]
-    save()
-    print(json.dumps(result))
+    try:
+        with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
+            for name, fn in [("inject", lambda: check_inject(args)),
+                             ("bank", lambda: check_bank(args)),
+                             ("world", lambda: check_world(args, Path(tmp)))]:
+                if name in args.skip:
+                    continue
+                print(f"== {name}", flush=True)
+                try:
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    result[name] = fn()
+                    if cuda:
+                        result["peak_gpu_mib"][name] = round(
+                            torch.cuda.max_memory_allocated() / 2**20, 1)
+                except (Exception, SystemExit) as err:  # recorded; the other checks still run
+                    traceback.print_exc()
+                    result[name] = {"error": f"{type(err).__name__}: {err}"}
+                save()
+    finally:  # the JSON line comes out whatever happened above
+        result["peak_gpu_mib"]["max"] = max(result["peak_gpu_mib"].values(), default=None)
+        result["seconds"] = round(time.perf_counter() - started, 1)
+        result["failed"] = [k for k in ("inject", "bank", "world") if isinstance(result[k], dict)
+                            and ("error" in result[k] or result[k].get("pass") is False)]
+        save()
+        print(json.dumps(result))
     sys.exit(1 if result["failed"] else 0)
 
 

@@ -6,9 +6,10 @@
 ``DATASETS`` is the one table of what comes from where (URLs, destinations, published sizes
 and checksums, licences); docs/datasets.md describes it for people. Each download
 
-- goes to ``<name>.part`` beside its destination and continues from there with an HTTP Range
-  request, so a cut download resumes when the same command is run again (a lock on the part
-  file keeps two fetches from writing it at once);
+- goes to ``<name>.part`` beside its destination; where its sha256 is recorded, a cut
+  download continues from there with an HTTP Range request when the same command is run
+  again (without one, it starts over: a part of a file since changed would pass unnoticed);
+  a lock held from the download through the installation keeps two fetches apart;
 - is verified: its size and sha256 where the table records them, else the size the server
   announced, and then the dyprag loader that will read it (``dyprag.qa``, ``dyprag.corpus``)
   must read it;
@@ -17,7 +18,8 @@ and checksums, licences); docs/datasets.md describes it for people. Each downloa
   interrupted decompression keeps it: the next run starts from the verified download).
 
 A dataset whose files are all there is skipped without a request. Sources are tried in the
-table's order (the publisher's first, then mirrors). A failure is one line on stderr and exit
+table's order (the publisher's first, then mirrors); one that does not answer, or answers with
+another file, gives way to the next. A failure is one line on stderr and exit
 status 2; a dataset none of whose sources answers within ``REACH_BUDGET`` seconds is given up,
 and the line names the URL and where to put the file by hand.
 """
@@ -222,20 +224,37 @@ def _total(response: http.client.HTTPResponse, offset: int) -> int | None:
     return None if length is None else offset + int(length)
 
 
+def _start(response: http.client.HTTPResponse) -> int | None:
+    """The first byte a 206 response holds (``Content-Range: bytes START-END/TOTAL``)."""
+    content_range = response.headers.get("Content-Range", "")
+    start = content_range.removeprefix("bytes ").split("-", 1)[0]
+    return int(start) if start.isdigit() else None
+
+
 @contextlib.contextmanager
-def _locked(part: Path):
-    """``part`` opened for appending, locked against another fetch writing it; removed when
-    it is left empty."""
+def _exclusive(part: Path):
+    """Hold ``part``'s lock (``<part>.lock``) from its download through its installation, or
+    FetchError when another fetch holds it."""
     part.parent.mkdir(parents=True, exist_ok=True)
-    with part.open("ab") as f:
+    lock = part.with_name(part.name + ".lock")
+    with lock.open("a") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FetchError(f"another fetch is writing {part}; wait for it to end") from None
         try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)  # while held: a later fetch takes a new one
+
+
+@contextlib.contextmanager
+def _appending(part: Path):
+    """``part`` opened for appending; removed when it is left empty."""
+    with part.open("ab") as f:
+        try:
             yield f
         finally:
-            f.flush()
             if part.is_file() and part.stat().st_size == 0:
                 part.unlink()
 
@@ -272,19 +291,26 @@ def _verify(part: Path, source: Source, total: int | None, label: str) -> None:
             problem = f"has sha256 {digest}, not the {source.sha256} recorded for it"
     if problem:
         part.unlink()
-        raise FetchError(f"{source.url} {problem}: refused and removed (the file may have "
-                         "changed at its source); nothing was written")
+        raise _Refused(f"{source.url} {problem}: refused and removed (the file may have "
+                       "changed at its source); nothing was written")
 
 
 class _Unreachable(Exception):
     """No response from a source (refused, timed out, HTTP error): the next one is tried."""
 
 
+class _Refused(FetchError):
+    """A source answered with something that is not the file (another size or sha256, not
+    the archive or the data dyprag reads): removed, and the next source is tried."""
+
+
 def _download(source: Source, part: Path, label: str, deadline: float) -> None:
     """``source.url`` into ``part``, continuing a partial one, verified."""
-    with _locked(part) as f:
+    with _appending(part) as f:
         offset = f.tell()
-        if source.size is not None and offset > source.size:
+        # Only a download whose sha256 is recorded is resumed: without one, a part written
+        # before the file changed at its source would be spliced to the new one unnoticed.
+        if source.sha256 is None or (source.size is not None and offset > source.size):
             f.truncate(0)
             offset = 0
         total = source.size
@@ -308,10 +334,15 @@ def _download(source: Source, part: Path, label: str, deadline: float) -> None:
                     if offset and response.status != 206:  # the server ignored the Range
                         f.truncate(0)
                         offset = 0
+                    elif offset and _start(response) != offset:
+                        f.truncate(0)
+                        raise FetchError(f"{source.url} answered from byte {_start(response)}, "
+                                         f"not {offset}: the partial download was discarded; "
+                                         "run the same command again")
                     total = _total(response, offset)
                     if source.size is not None and total not in (None, source.size):
-                        raise FetchError(f"{source.url} offers {total} bytes, the source table "
-                                         f"records {source.size}: the file changed at its source")
+                        raise _Refused(f"{source.url} offers {total} bytes, the source table "
+                                       f"records {source.size}: the file changed at its source")
                     what = "resuming at " + human(offset) + " of" if offset else "downloading"
                     print(f"{label}: {what} {human(total)} from {source.url}", flush=True)
                     _stream(response, f, source.url, offset, total, label)
@@ -324,8 +355,8 @@ def _member(names: list[str], wanted: str, url: str) -> str:
     found = [n for n in names if (n == wanted or n.endswith("/" + wanted))
              and not n.startswith("__MACOSX/") and not Path(n).name.startswith("._")]
     if len(found) != 1:
-        raise FetchError(f"{url} holds {len(found)} files named {wanted} ({', '.join(found[:3])}); "
-                         "expected one")
+        raise _Refused(f"{url} holds {len(found)} files named {wanted} ({', '.join(found[:3])}); "
+                       "expected one")
     return found[0]
 
 
@@ -339,7 +370,7 @@ def _check(dataset: Dataset, paths: list[Path]) -> None:
         else:
             load_qa(paths[0], dataset.check, limit=CHECK_QUESTIONS)
     except (ValueError, OSError) as err:
-        raise FetchError(f"the download is not {dataset.check} data as dyprag reads it: {err}") from None
+        raise _Refused(f"the download is not {dataset.check} data as dyprag reads it: {err}") from None
 
 
 def _install(dataset: Dataset, source: Source, part: Path, dests: list[Path], label: str) -> None:
@@ -366,9 +397,8 @@ def _install(dataset: Dataset, source: Source, part: Path, dests: list[Path], la
             _check(dataset, tmps)
         except (EOFError, gzip.BadGzipFile, zlib.error, zipfile.BadZipFile) as err:
             part.unlink(missing_ok=True)
-            raise FetchError(f"{source.url} is not a valid {kind} file ({err}): removed; "
-                             "run the same command again to download it afresh") from None
-        except FetchError:
+            raise _Refused(f"{source.url} is not a valid {kind} file ({err}): removed") from None
+        except _Refused:
             part.unlink(missing_ok=True)  # refused; an interrupt or a full disk keeps it
             raise
     part.unlink(missing_ok=True)
@@ -390,11 +420,12 @@ def fetch(name: str, root: str | os.PathLike = "data") -> list[Path]:
         name_in_url = Path(urllib.parse.urlparse(source.url).path).name
         part = dests[0].parent / f"{name_in_url}.part"
         try:
-            _download(source, part, name, deadline)
-        except _Unreachable as err:
+            with _exclusive(part):
+                _download(source, part, name, deadline)
+                _install(dataset, source, part, dests, name)
+        except (_Unreachable, _Refused) as err:  # the next source, if there is one
             failures.append(f"{source.url}: {err}")
             continue
-        _install(dataset, source, part, dests, name)
         print(f"{name}: {', '.join(map(str, dests))} ({human(sum(d.stat().st_size for d in dests))})",
               flush=True)
         return dests
@@ -442,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
             fetch(name, args.to)
     except (FetchError, OSError) as err:  # OSError: a full disk, a --to that cannot be written
         print(f"dyprag.data: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dyprag.data: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as err:  # a server's malformed answer, an archive dyprag cannot read
+        print(f"dyprag.data: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0
 

@@ -54,9 +54,11 @@ def is_cached(meta: str | os.PathLike, key: str) -> bool:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary file path beside ``path``, unique to this process (same suffix, so writers
     that go by it still work), renamed over ``path`` when the block ends without error and
-    removed when it raises; parent directories are created."""
+    removed when it raises; parent directories are created. Temporaries left by killed
+    processes are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(path.parent, f"{path.stem}.tmp", path.suffix)
     tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         yield tmp
@@ -174,7 +176,8 @@ def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator
     cache entry another process published meanwhile: the same content, by its key), it is
     kept and this copy dropped. Temporaries left by killed processes are removed."""
     path = Path(path)
-    _remove_stale(path)
+    for kind in ("tmp", "old"):
+        _sweep(path.parent, f"{path.name}.{kind}-")
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -197,13 +200,16 @@ def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _remove_stale(path: Path) -> None:
-    """Remove ``atomic_dir``'s temporaries of ``path`` whose process is gone."""
-    for kind in ("tmp", "old"):
-        for stale in path.parent.glob(f"{glob.escape(path.name)}.{kind}-*"):
-            pid = stale.name.rpartition("-")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+def _sweep(parent: Path, prefix: str, suffix: str = "") -> None:
+    """Remove the entries ``<prefix><pid><suffix>`` of ``parent`` whose process is gone: the
+    temporaries of a writer that was killed (a SIGKILL skips every ``finally``)."""
+    for stale in parent.glob(f"{glob.escape(prefix)}*{glob.escape(suffix)}"):
+        pid = stale.name[len(prefix):len(stale.name) - len(suffix)]
+        if pid.isdigit() and not _alive(int(pid)):
+            if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -82,11 +82,11 @@ def log_results(loggers: list[Logger], results: dict) -> None:
 def log_grid(config: Config, out: Path, grid: dict, modes: list[str], dependence: dict) -> None:
     """evaluate.py's grid (dataset → mode → scores) as a W&B table, with F1/acc and the document
     dependence in the run's summary; its W&B files under the report directory ``out``."""
-    import wandb
-
     w, mode = config.wandb, wandb_mode(config)
     if mode == "disabled":
         return
+    import wandb
+
     with wandb.init(project=w.project, name=f"{w.name or config.run.name}-eval",
                     dir=str(out), mode=mode, job_type="eval") as wb:
         columns = ["dataset", "mode", "em", "f1", "acc", "ms_per_question"]

@@ -192,7 +192,8 @@ def test_a_cut_download_resumes_with_a_range_request(tmp_path, server, monkeypat
 
 def test_a_complete_download_left_behind_is_installed_without_its_bytes_again(tmp_path, server, monkeypatch):
     path, body = SERVED["2wqa"]
-    serve(monkeypatch, server, "2wqa")  # no size in the table: the server says it is complete
+    # no size in the table: the server says it is complete; a sha256, so the part is trusted
+    serve(monkeypatch, server, "2wqa", sha256=hashlib.sha256(body).hexdigest())
     part = tmp_path / "2wikimultihopqa/data_ids_april7.zip.part"
     part.parent.mkdir()
     part.write_bytes(body)  # e.g. a run stopped while extracting
@@ -200,6 +201,32 @@ def test_a_complete_download_left_behind_is_installed_without_its_bytes_again(tm
     assert server.requests == [(path, f"bytes={len(body)}-")]  # answered 416: nothing after it
     assert len(load_qa(tmp_path / "2wikimultihopqa/dev.json", "2wqa")) == 4
     assert not part.exists()
+
+
+def test_a_part_of_a_source_without_a_checksum_is_downloaded_afresh(tmp_path, server, monkeypatch):
+    path, body = SERVED["popqa"]
+    serve(monkeypatch, server, "popqa")  # no sha256: a part cannot be told from a changed file
+    part = tmp_path / "popqa/popQA.tsv.part"
+    part.parent.mkdir()
+    part.write_bytes(b"stale bytes of an older file")
+    assert data.main(["fetch", "popqa", "--to", str(tmp_path)]) == 0
+    assert server.requests == [(path, None)]  # no Range: from byte 0
+    assert (tmp_path / "popqa/popQA.tsv").read_bytes() == body
+
+
+def test_a_mirror_is_tried_when_the_publisher_gives_another_file(tmp_path, server, monkeypatch):
+    body = json.dumps(CWQ).encode()
+    server.files["/publisher/ComplexWebQuestions_dev.json"] = b"<html>this link is dead</html>"
+    server.files["/mirror/ComplexWebQuestions_dev.json"] = body
+    entry = data.DATASETS["cwq"]
+    sources = tuple(dataclasses.replace(entry.sources[1],
+                                        url=server.url(f"/{where}/ComplexWebQuestions_dev.json"))
+                    for where in ("publisher", "mirror"))
+    monkeypatch.setitem(data.DATASETS, "cwq", dataclasses.replace(entry, sources=sources))
+    assert data.main(["fetch", "cwq", "--to", str(tmp_path)]) == 0
+    assert [p for p, _ in server.requests] == ["/publisher/ComplexWebQuestions_dev.json",
+                                               "/mirror/ComplexWebQuestions_dev.json"]
+    assert (tmp_path / "cwq/ComplexWebQuestions_dev.json").read_bytes() == body
 
 
 def test_a_checksum_mismatch_is_refused(tmp_path, server, monkeypatch, capsys):

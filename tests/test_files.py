@@ -81,9 +81,13 @@ def test_the_temporaries_of_a_killed_writer_are_removed_and_a_live_ones_kept(tmp
         for name in (f"entry.tmp-{dead}", f"entry.old-{dead}", f"entry.tmp-{live.pid}"):
             (tmp_path / name).mkdir()
             (tmp_path / name / "weights").write_text("x")
+        (tmp_path / f"meta.tmp{dead}.json").write_text("x")  # atomic_path's, killed
+        (tmp_path / f"meta.tmp{live.pid}.json").write_text("x")
         with atomic_dir(tmp_path / "entry") as tmp:
             tmp.mkdir()
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["entry", f"entry.tmp-{live.pid}"]
+        atomic_write_text(tmp_path / "meta.json", "{}")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "entry", f"entry.tmp-{live.pid}", "meta.json", f"meta.tmp{live.pid}.json"]
     finally:
         live.kill()
         live.wait()
