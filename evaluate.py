@@ -85,13 +85,13 @@ def _run(args) -> int:
 
 
 def _evaluate(args, run, out: Path) -> int:
-    from dyprag.answer import evaluate_questions
+    from dyprag.answer import evaluate_questions, reads_translator
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import score
     from dyprag.report import markdown, plot
 
     k = max(parse_mode(m)[1] for m in args.modes) or 1
-    dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in args.modes)
+    dyprag = reads_translator(args.modes)
     grid, dependence, by_fact, predictions = {}, {}, {}, []
     for name, examples in datasets(args, run):
         if not examples:

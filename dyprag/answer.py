@@ -202,6 +202,11 @@ class Evaluation:
     dependence: dict[str, float]           # document_dependence ({}: no DyPRAG mode)
 
 
+def reads_translator(modes: Sequence[str]) -> bool:
+    """Whether any of ``modes`` is a DyPRAG mode (the translator's LoRAs, its embeddings)."""
+    return any(parse_mode(m)[0].startswith("dyprag") for m in modes)
+
+
 def evaluate_questions(model, tokenizer, modes: Sequence[str], examples: Sequence[QAExample],
                        hits: Hits, knowledge: Knowledge, ev: EvalConfig, fmt: PromptFormat,
                        seed: int, scores: Scores | None = None, progress=None) -> Evaluation:
@@ -213,7 +218,7 @@ def evaluate_questions(model, tokenizer, modes: Sequence[str], examples: Sequenc
     grid, predictions = evaluate(model, tokenizer, modes, questions, golds, hits, knowledge,
                                  ev.max_new_tokens, ev.batch_size, progress, fmt, scores)
     dependence = {}
-    if any(parse_mode(m)[0].startswith("dyprag") for m in modes):
+    if reads_translator(modes):
         dependence = document_dependence(model, tokenizer, questions, golds, hits, knowledge,
                                          ev.max_new_tokens, ev.batch_size, fmt, seed)
         if progress is not None:

@@ -28,7 +28,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tqdm.auto import tqdm
 
 from dyprag import rundir
-from dyprag.answer import Knowledge, evaluate_questions
+from dyprag.answer import Knowledge, evaluate_questions, reads_translator
 from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
 from dyprag.bank import LoRABank, build_bank
 from dyprag.config import (
@@ -352,7 +352,7 @@ def stage_eval(ev: EvalConfig, bank_config: BankConfig, how: Augmentation, fmt: 
             knowledge.bank = LoRABank(build_bank(model, tokenizer, docs, out / rundir.BANK_EVAL,
                                                  bank_config, base_model=model_id,
                                                  fmt=fmt), base_model=model_id)
-    dyprag = any(parse_mode(m)[0].startswith("dyprag") for m in ev.modes)
+    dyprag = reads_translator(ev.modes)
     with clock("eval"), tqdm(total=len(ev.modes) + dyprag, desc="eval", unit="mode",
                              disable=rank_zero_only.rank != 0) as bar:
         def done(step: str, s: dict) -> None:

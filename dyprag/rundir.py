@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -119,14 +120,15 @@ def reading(run: Path):
     if not (run.exists() or _old(run).exists()):  # .old: between a publication's renames
         yield
         return
-    with _flock(_beside(run, "readers"), shared=True):
+    with _flock(_beside(run, "readers"), shared=True, busy=lambda fd: None):
         yield
 
 
 @contextlib.contextmanager
-def _flock(path: Path, shared: bool, waiting: str | None = None):
-    """Hold a ``flock`` on ``path`` (made when missing); blocks until it is granted, printing
-    ``waiting`` first when it has to wait."""
+def _flock(path: Path, shared: bool, busy: Callable[[int], None]):
+    """Hold a ``flock`` on ``path`` (made when missing) for the ``with`` block, which gets its
+    file descriptor. Where another process holds it, ``busy(fd)`` is called first: it raises,
+    or the lock is waited for."""
     import fcntl
 
     kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
@@ -141,10 +143,9 @@ def _flock(path: Path, shared: bool, waiting: str | None = None):
         try:
             fcntl.flock(fd, kind | fcntl.LOCK_NB)
         except BlockingIOError:
-            if waiting:
-                print(waiting, flush=True)
+            busy(fd)
             fcntl.flock(fd, kind)
-        yield
+        yield fd
     finally:
         os.close(fd)  # releases the lock
 
@@ -161,24 +162,19 @@ def lock(run: Path):
     """Hold the run's writer lock (``flock`` on ``.<name>.lock`` beside it) for the ``with``
     block, or raise ``RunBusy`` naming the process that holds it. The other ranks of a
     multi-device fit (``LOCAL_RANK`` > 0) work under rank 0's."""
-    import fcntl
-
     if os.environ.get("LOCAL_RANK", "0") != "0":
         yield
         return
-    fd = os.open(_beside(run, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise RunBusy(f"run {run} is being written by process {holder}; wait for it to "
-                          "end or use another run.name") from None
+
+    def refuse(fd: int) -> None:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        raise RunBusy(f"run {run} is being written by process {holder}; wait for it to end or "
+                      "use another run.name") from None  # not the BlockingIOError behind it
+
+    with _flock(_beside(run, "lock"), shared=False, busy=refuse) as fd:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 # ---- what a run holds -------------------------------------------------------------------------
@@ -326,9 +322,11 @@ def publish(out: Path, final: Path) -> None:
     if out == final:
         return
     old = _old(final)
-    with _flock(_beside(final, "readers"), shared=False,
-                waiting=f"[dyprag] waiting for the processes reading {final} (infer.py, "
-                        "evaluate.py) to end before replacing it"):
+    def wait(_: int) -> None:
+        print(f"[dyprag] waiting for the processes reading {final} (infer.py, evaluate.py) to "
+              "end before replacing it", flush=True)
+
+    with _flock(_beside(final, "readers"), shared=False, busy=wait):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(out, final)
