@@ -45,11 +45,11 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # dyprag is not installed on the lent machine
+# dyprag is not installed on the lent machine; tests/ holds the tiny world's run config
+sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-import yaml  # noqa: E402
 
 import bank_throughput  # noqa: E402 (in bench/)
 from dyprag.inject import inject_lora  # noqa: E402
@@ -60,12 +60,7 @@ from dyprag.lora import LoRA  # noqa: E402
 FP32_RTOL, BF16_FACTOR = 1e-4, 1.5
 MODEL = {"full": dict(bank_throughput.SHAPES["small"], vocab_size=32000),  # random Llamas
          "tiny": dict(bank_throughput.SHAPES["world"], vocab_size=256)}
-TINY_WORLD = ["data.extra_docs=24", "model.pretrain.reading_single=100", "model.pretrain.reading_multi=60",
-              "model.pretrain.hidden_size=32", "model.pretrain.num_hidden_layers=2",
-              "model.pretrain.num_attention_heads=4", "model.pretrain.intermediate_size=48",
-              "model.pretrain.warmup_steps=5", "bank.epochs=2", "bank.docs_per_step=8", "train.epochs=2",
-              "train.batch_size=8", "train.warmup_steps=2", "eval.modes=[vanilla,rag@1,prag@1,dyprag@1]",
-              "eval.samples=3"]  # tests/conftest.py's tiny_run_config
+DRY_RUN_MODES = "eval.modes=[vanilla,rag@1,prag@1,dyprag@1]"
 
 
 def peft_twin(model, lora: LoRA):
@@ -155,13 +150,14 @@ def check_world(args, root: Path) -> dict:
     os.environ["DYPRAG_CACHE"] = str(root / "cache")  # empty: timed as a machine's first run
     overrides = [f"run.root={root}", "run.name=gpu-check", "index.method=bm25", "wandb.mode=disabled",
                  f"train.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
-    if args.dry_run:
-        schema = yaml.safe_load((ROOT / "configs" / "world.yaml").read_text())
-        schema["splits"] = {"pretrain": 30, "train": 12, "test": 6}
-        (root / "world.yaml").write_text(yaml.safe_dump(schema))
-        overrides += [f"data.world={root / 'world.yaml'}", *TINY_WORLD]
+    config = None
+    if args.dry_run:  # the tests' tiny world (tests/tiny_world.py), four modes
+        from tiny_world import tiny_run_config
+
+        config = tiny_run_config(root)
+        overrides.append(DRY_RUN_MODES)
     start = time.perf_counter()
-    run(load_config(None, [*overrides, *args.overrides]))
+    run(load_config(config, [*overrides, *args.overrides]))
     seconds, results = time.perf_counter() - start, read_json(root / "gpu-check" / "eval.json")
     return {"seconds": round(seconds, 1), "stage_seconds": results["stage_seconds"],
             "f1": {m: round(v, 4) for m, v in results["f1"].items()}}

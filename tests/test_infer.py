@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RUN_MODES
+from tiny_world import TINY_RUN_MODES
 
 import infer
 from dyprag.qa import load_qa

@@ -3,22 +3,17 @@ never into another directory; a symlinked run is rerun beside its target and sta
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import run_files
 
 import train
 from dyprag.config import load_config
 from dyprag.rundir import FINISHED, MARKER, NotARun, begin, publish, run_dir
-
-
-def tree(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def finished_run(path: Path, text: str) -> Path:
@@ -40,20 +35,20 @@ def notes(tmp_path) -> Path:
 
 
 def test_begin_never_writes_into_or_deletes_from_a_directory_that_is_not_a_run(notes):
-    before = tree(notes)
+    before = run_files(notes)
     for rebuild in ((), ("index",)):
         with pytest.raises(NotARun, match=f"{notes} is not a dyprag run.*paper.tex"):
             begin(notes, rebuild)
-        assert tree(notes) == before and not (notes / MARKER).exists()
+        assert run_files(notes) == before and not (notes / MARKER).exists()
 
 
 def test_train_refuses_a_directory_that_is_not_a_run_with_exit_2(notes, capsys):
-    before = tree(notes)
+    before = run_files(notes)
     with pytest.raises(SystemExit) as exit_:
         train.main([f"run.root={notes.parent}", "run.name=notes", "--rebuild", "index"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "not a dyprag run" in err[0], err
-    assert tree(notes) == before
+    assert run_files(notes) == before
 
 
 def test_a_run_from_before_the_marker_is_recognised_by_its_names_and_then_marked(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import TINY_RUN_MODES as MODES
+from tiny_world import TINY_RUN_MODES as MODES
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
