@@ -30,7 +30,7 @@ from dyprag.rundir import EMBEDDER_HELP
 
 def datasets(args, run) -> list[tuple[str, list]]:
     from dyprag import rundir
-    from dyprag.qa import load_qa
+    from dyprag.data.qa import load_qa
 
     if not args.qa:  # the run's own test split (--limit within it, never a training question)
         data = run.config.data
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from dyprag import rundir
-    from dyprag.trained_run import TrainedRun
+    from dyprag.run.trained_run import TrainedRun
 
     path = args.run or rundir.latest_run()
     # Writing into the run (its eval/): not while train.py rewrites it, refused before the
@@ -85,10 +85,10 @@ def _run(args) -> int:
 
 
 def _evaluate(args, run, out: Path) -> int:
-    from dyprag.answer import evaluate_questions, reads_translator
+    from dyprag.answering.answer import evaluate_questions, reads_translator
+    from dyprag.answering.report import markdown, plot
     from dyprag.files import atomic_write_json, atomic_write_jsonl, atomic_write_text
     from dyprag.metrics import score
-    from dyprag.report import markdown, plot
 
     k = max(parse_mode(m)[1] for m in args.modes) or 1
     dyprag = reads_translator(args.modes)
@@ -122,7 +122,7 @@ def _evaluate(args, run, out: Path) -> int:
     atomic_write_jsonl(out / "predictions.jsonl", predictions)
     plot(grid, args.modes, out / "f1.png")
     if not args.no_wandb:
-        from dyprag.loggers import log_grid
+        from dyprag.run.loggers import log_grid
 
         log_grid(run.config, out, grid, args.modes, dependence)
     print(report)

@@ -93,8 +93,8 @@ def utf8(text: str, what: str) -> str:
 def _run(args) -> int:
     from transformers.utils import logging as hf_logging
 
+    from dyprag.run.trained_run import TrainedRun
     from dyprag.rundir import latest_run, reading
-    from dyprag.trained_run import TrainedRun
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars: stderr is for errors here
 
@@ -131,7 +131,7 @@ def _run(args) -> int:
                     print(f"  [{p['score']:.3f}] {p['id']}: {p['text']}")
                 print(f"A ({mode}): {reply}\n")
         if args.export_peft:
-            from dyprag.lora_io import export_peft
+            from dyprag.engine.lora_io import export_peft
 
             lora = run.lora(hits[0], mode)
             if lora is None:

@@ -97,8 +97,8 @@ def _train(config, args) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from dyprag.pipeline import StageError, run
-    from dyprag.report import next_steps, table
+    from dyprag.answering.report import next_steps, table
+    from dyprag.run.pipeline import StageError, run
 
     hf_logging.disable_progress_bar()  # its loading/saving bars say nothing here
 

@@ -7,7 +7,7 @@ Both train one FFN LoRA (gate/up/down, r=2, alpha=32, AdamW lr 3e-4) per documen
 PRAG's recipe (5 examples per document: 2 QA × {passage, rewrite} + 1 closed-book, 1 epoch,
 so 5 optimizer steps per document) on the same random model and the same documents:
 
-- ``batched``: ``dyprag.bank.build_bank``, ``--docs-per-step`` documents per forward;
+- ``batched``: ``dyprag.training.bank.build_bank``, ``--docs-per-step`` documents per forward;
 - ``sequential``: PEFT's LoRA, one document at a time, batch 1, as PRAG trains (without its
   padding of every example to 3,000 tokens, which would only slow it further).
 
@@ -30,19 +30,19 @@ from pathlib import Path
 import torch
 import transformers
 
-from dyprag.augment import TemplateAugmenter
-from dyprag.bank import bank_recipe, build_bank, row_losses
 from dyprag.config import BankConfig, load_config
-from dyprag.corpus import iter_corpus
-from dyprag.examples import collate, document_examples
+from dyprag.data.augment import TemplateAugmenter
+from dyprag.data.corpus import iter_corpus
+from dyprag.data.world import generate_world, load_schema
+from dyprag.engine.models import resolve_dtype
 from dyprag.files import read_json
-from dyprag.models import resolve_dtype
-from dyprag.world import generate_world, load_schema
-from dyprag.world_base import build_tokenizer
+from dyprag.training.bank import bank_recipe, build_bank, row_losses
+from dyprag.training.examples import collate, document_examples
+from dyprag.training.world_base import build_tokenizer
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "base" / "paper.yaml"
 SHAPES = {  # random models; vocab comes from the world's word-level tokenizer
-    # the synthetic world's base model (dyprag.world_base defaults): what CPU banks are built for
+    # the synthetic world's base model (dyprag.training.world_base defaults): what CPU banks are built for
     "world": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=8),
     "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,

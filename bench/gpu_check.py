@@ -11,9 +11,9 @@ needs bm25s's wheel (76 KB, pure Python, numpy only). Here, once: ``echo /.whl/ 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export \
       PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 timeout 540 python3 bench/gpu_check.py --out $OUT
 
-faiss is not needed: ``dyprag.dense_index`` imports it only to build or read a dense index.
+faiss is not needed: ``dyprag.retrieval.dense_index`` imports it only to build or read a dense index.
 
-1. ``inject``: our hooks (``dyprag.inject``) vs PEFT with the same A and B on a random Llama,
+1. ``inject``: our hooks (``dyprag.engine.inject``) vs PEFT with the same A and B on a random Llama,
    one LoRA broadcast to every row and one LoRA per row, fp32 then bf16: max abs logit
    difference, the LoRA's own effect, ``tol`` (see FP32_RTOL below) and ``pass``.
 2. ``bank``: ``bench/bank_throughput.py`` (batched bank vs. a PRAG-style PEFT loop, bf16
@@ -48,12 +48,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # dyprag is not installed on the lent machine; tests/ holds the tiny world's run config
 sys.path[:0] = [str(ROOT), str(ROOT / "bench"), str(ROOT / "tests")]
 
+import bank_throughput  # noqa: E402 (in bench/)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-import bank_throughput  # noqa: E402 (in bench/)
-from dyprag.inject import inject_lora  # noqa: E402
-from dyprag.lora import LoRA  # noqa: E402
+from dyprag.engine.inject import inject_lora  # noqa: E402
+from dyprag.engine.lora import LoRA  # noqa: E402
 
 # Pass: max |ours - PEFT| ≤ FP32_RTOL × max |logit| in fp32, ≤ BF16_FACTOR × PEFT's own bf16 error
 # (max |PEFT bf16 - PEFT fp32|) in bf16; and the LoRA's effect > 2 × that (not a vacuous check).
@@ -142,10 +142,10 @@ def check_bank(args) -> dict:
 
 
 def check_world(args, root: Path) -> dict:
-    """The default job (tiny under --dry-run) through dyprag.pipeline.run, from empty directories."""
+    """The default job (tiny under --dry-run) through dyprag.run.pipeline.run, from empty directories."""
     from dyprag.config import load_config
     from dyprag.files import read_json
-    from dyprag.pipeline import run
+    from dyprag.run.pipeline import run
 
     os.environ["DYPRAG_CACHE"] = str(root / "cache")  # empty: timed as a machine's first run
     overrides = [f"run.root={root}", "run.name=gpu-check", "index.method=bm25", "wandb.mode=disabled",

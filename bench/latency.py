@@ -6,7 +6,7 @@
 Model: bench/lora_overhead.py's random Llama (hidden 512, 8 layers, intermediate 1408, vocab
 32000). A question is 16 tokens; each of its k = 3 documents ~130 tokens (~100 words); 32
 new tokens, greedy, always 32. Modes, one question at a time, knowledge injected per sample
-as ``dyprag.generate.generate_answers`` does:
+as ``dyprag.engine.generate.generate_answers`` does:
 
 - ``vanilla``: the question alone, no knowledge (the floor of every mode without passages);
 - ``rag``: the 3 passages in the prompt (~400 tokens);
@@ -36,10 +36,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_overhead import build_model, timed
 
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, sum_groups
-from dyprag.models import resolve_dtype
-from dyprag.translator import ParameterTranslator
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA, sum_groups
+from dyprag.engine.models import resolve_dtype
+from dyprag.training.translator import ParameterTranslator
 
 NEW_TOKENS, QUESTION, PASSAGE, K = 32, 16, 130, 3
 

@@ -28,9 +28,9 @@ import time
 import torch
 import transformers
 
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine
-from dyprag.models import resolve_dtype
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA, combine
+from dyprag.engine.models import resolve_dtype
 
 
 def build_model(args) -> transformers.LlamaForCausalLM:

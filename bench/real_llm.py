@@ -34,20 +34,20 @@ from pathlib import Path
 
 import torch
 
-from dyprag.augment import read_augmented
 from dyprag.config import Config, load_config
-from dyprag.distill import DistillationData, TranslatorDistillation
-from dyprag.examples import document_examples
+from dyprag.data.augment import read_augmented
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
+from dyprag.engine.models import load_model, lora_layers
+from dyprag.engine.prefix import prefix_layer
+from dyprag.engine.prompts import prompt_format
 from dyprag.files import read_json
-from dyprag.fit import translator_recipe
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
-from dyprag.models import load_model, lora_layers
-from dyprag.pipeline import run
-from dyprag.prefix import prefix_layer
-from dyprag.prompts import prompt_format
+from dyprag.run.pipeline import run
 from dyprag.rundir import base_model
-from dyprag.translator import ParameterTranslator
+from dyprag.training.distill import DistillationData, TranslatorDistillation
+from dyprag.training.examples import document_examples
+from dyprag.training.fit import translator_recipe
+from dyprag.training.translator import ParameterTranslator
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-world.yaml"
 

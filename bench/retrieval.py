@@ -4,7 +4,7 @@
     python bench/retrieval.py --passages 1000000 --embed-subset 20000 --ivf IVF4096,Flat
 
 Corpus: ``--passages`` (200k) passages of 20-40 random pseudo-words, written as jsonl to a
-temporary directory and read back through ``dyprag.corpus`` (read and fingerprint speed are
+temporary directory and read back through ``dyprag.data.corpus`` (read and fingerprint speed are
 printed). Four numbers:
 
 - ``embed_docs_per_s``: ``Embedder.embed_corpus`` with the real packaged MiniLM over the
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dyprag.corpus import Passage, corpus_fingerprint, iter_corpus, write_corpus_jsonl
+from dyprag.data.corpus import Passage, corpus_fingerprint, iter_corpus, write_corpus_jsonl
 
 DIM = 384  # all-MiniLM-L6-v2
 
@@ -65,8 +65,8 @@ def synthetic_passages(n: int, seed: int, vocab_size: int = 20_000) -> list[Pass
 
 def embed_child(corpus: str, out: str) -> None:
     """Subprocess body: load the embedder, embed ``corpus``, print one JSON line of measurements."""
-    from dyprag.corpus import iter_batches
-    from dyprag.embed import Embedder
+    from dyprag.data.corpus import iter_batches
+    from dyprag.retrieval.embed import Embedder
 
     embedder = Embedder(device="cpu")
     embedder.encode(["warm up the kernels"] * 8)
@@ -140,7 +140,7 @@ def main() -> None:
 
     import faiss
 
-    from dyprag.dense_index import DenseIndex
+    from dyprag.retrieval.dense_index import DenseIndex
 
     with tempfile.TemporaryDirectory(prefix="dyprag-bench-") as tmp:
         tmp = Path(tmp)

@@ -5,7 +5,7 @@ same rows (issue 23):
 - ``full``: LoRAs on all 30 layers, the whole vocabulary's logits at every position, every
   layer run each step (the translator's step before ``model.lora_layers``);
 - ``cached``: LoRAs on ``--layers`` (default 20-29), the frozen states entering the first
-  one computed once per row (``dyprag.prefix``; its cost included), logits on the answer only
+  one computed once per row (``dyprag.engine.prefix``; its cost included), logits on the answer only
   (the default recipe of configs/smollm2-world.yaml);
 - ``answer_only``: as ``cached``, but the LoRA acts only where the answer is produced
   (``knowledge.inject=answer``): the prompt is the base model's, so its keys and values are
@@ -28,10 +28,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
-from dyprag.models import load_model
-from dyprag.prefix import final_hidden, logits_at, states_below
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
+from dyprag.engine.models import load_model
+from dyprag.engine.prefix import final_hidden, logits_at, states_below
 
 
 def _lora(model, layers, rows):

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from dyprag.config import load_config
 from dyprag.files import read_json
-from dyprag.pipeline import run
+from dyprag.run.pipeline import run
 
 PAPER_TRANSLATOR = ["translator.architecture=per_layer", "translator.embedding=retriever",
                     "data.extra_docs=0", "train.epochs=8", "train.w_kl=0.01", "train.w_mse=100"]

@@ -29,11 +29,11 @@ from typing import Any, ClassVar, Literal, Union, get_args, get_origin, get_type
 
 import yaml
 
-from dyprag.qa import FORMATS as QA_FORMATS
-
 MODES = ("vanilla", "rag", "prag", "dyprag", "prag+rag", "dyprag+rag")
 PromptFormatName = Literal["plain", "chat"]
 PROMPT_FORMATS: tuple[str, ...] = get_args(PromptFormatName)
+QAFormatName = Literal["2wqa", "hotpotqa", "popqa", "cwq", "jsonl", "flashrag"]  # dyprag.data.qa
+QA_FORMATS: tuple[str, ...] = get_args(QAFormatName)
 LORA_LAYERS = re.compile(r"^(all|(?P<first>\d+)-(?P<last>\d+)?)$")
 """``model.lora_layers``: ``all``, ``A-B`` (layers A to B, inclusive) or ``A-`` (A to the last)."""
 
@@ -110,13 +110,13 @@ class RunConfig(Section):
 @dataclass(frozen=True)
 class DataConfig(Section):
     # "world": generate the synthetic world from ``world`` (its schema);
-    # "qa": a corpus (jsonl or DPR tsv) and QA files (any format dyprag.qa reads).
+    # "qa": a corpus (jsonl or DPR tsv) and QA files (any format dyprag.data.qa reads).
     kind: Literal["world", "qa"] = "world"
     world: str = "configs/world.yaml"
     corpus: str | None = None
     train_qa: str | None = None
     test_qa: str | None = None
-    qa_format: Literal[QA_FORMATS] | None = None
+    qa_format: QAFormatName | None = None
     train_questions: int | None = None
     test_questions: int | None = None
     # Translator-training documents: "gold" (each question's meta.doc_id) or "retrieved"
@@ -139,7 +139,7 @@ class DataConfig(Section):
 
 @dataclass(frozen=True)
 class PretrainConfig(Section):
-    """The synthetic world's base model (dyprag/world_base.py): a small Llama and its
+    """The synthetic world's base model (dyprag/training/world_base.py): a small Llama and its
     pretraining on the world's pretrain people and reading practice."""
 
     # 8 heads of 16 dims find the reading circuit sooner than 4 of 32 (bench/RESULTS.md,
@@ -183,7 +183,7 @@ class ModelConfig(Section):
     device: str = "auto"  # auto: cuda when there is one
     # The decoder layers whose FFN projections take LoRAs (bank, translator, injection):
     # "all", "A-B" (inclusive) or "A-" (A to the last). Below the first, the frozen model's
-    # states are computed once per training row and reused (dyprag/prefix.py).
+    # states are computed once per training row and reused (dyprag/engine/prefix.py).
     lora_layers: str = "all"
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
@@ -196,7 +196,7 @@ class ModelConfig(Section):
 @dataclass(frozen=True)
 class IndexConfig(Section):
     method: Literal["dense", "bm25", "hybrid"] = "dense"
-    embedder: str | None = None  # None: all-MiniLM-L6-v2 (dyprag.embed)
+    embedder: str | None = None  # None: all-MiniLM-L6-v2 (dyprag.retrieval.embed)
     factory: str = "Flat"        # a FAISS index factory string
     # Documents per question at query time (infer.py's default). A world question is about
     # one person, whose bio alone answers it, so 1; the paper configs use 3.
@@ -247,7 +247,7 @@ class AugmentConfig(Section):
 
 @dataclass(frozen=True)
 class BankConfig(Section):
-    """How each document's LoRA is trained (dyprag/bank.py). The defaults are the synthetic
+    """How each document's LoRA is trained (dyprag/training/bank.py). The defaults are the synthetic
     world's recipe: its tiny base model needs far more than PRAG's one epoch at lr 3e-4 to take
     in a document, and too much saturates it, the LoRA's output drowning the residual stream
     and with it any passage in the prompt (bench/RESULTS.md, "Composition (issue 15)", "The
@@ -310,7 +310,7 @@ class TranslatorConfig(Section):
 
 @dataclass(frozen=True)
 class TrainConfig(Section):
-    """The translator's fit (dyprag/fit.py, dyprag/distill.py)."""
+    """The translator's fit (dyprag/training/fit.py, dyprag/training/distill.py)."""
 
     # One epoch at 5e-3 over the world's documents: the attention translator reads every fact
     # but the birth year as well as PRAG within it; whether it learns the year (a hundred
@@ -386,7 +386,7 @@ class EvalConfig(Section):
 class WandbConfig(Section):
     project: str = "dyprag"
     name: str | None = None  # None: run.name
-    # None: WANDB_MODE, else online only when the user has a W&B API key (dyprag/loggers.py).
+    # None: WANDB_MODE, else online only when the user has a W&B API key (dyprag/run/loggers.py).
     mode: Literal["offline", "online", "disabled"] | None = None
 
 

@@ -1,7 +1,7 @@
 """A run directory, ``<run.root>/<run.name>/``: what is where (the corpus, the questions and
 their test split, the base model, the stored document embeddings), which run is the latest,
 and how a rerun replaces a finished run without ever breaking it. The stages that write a run
-(``dyprag.pipeline``) and the code that reads one (``dyprag.trained_run``, ``evaluate.py``)
+(``dyprag.run.pipeline``) and the code that reads one (``dyprag.run.trained_run``, ``evaluate.py``)
 both go through here.
 
 A run is *finished* once it holds ``eval.json``, written last together with ``config.yaml``
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dyprag.config import Config, DataConfig, RunConfig
+from dyprag.data.qa import QAExample, load_qa
 from dyprag.files import atomic_write_json, linked_copy, read_json
-from dyprag.qa import QAExample, load_qa
 
 if TYPE_CHECKING:
-    from dyprag.embed import EmbeddingTable
+    from dyprag.retrieval.embed import EmbeddingTable
 
 # What each stage writes, by name inside the run directory.
 WORLD, BASE, INDEX = "world", "base", "index"
@@ -51,7 +51,7 @@ REPORTS = "eval"  # evaluate.py's reports on the run (report.md, predictions.jso
 # Written last when a run finishes, or about the finished run: a rerun's staging copy leaves
 # them out, so a rerun never publishes another translator's reports.
 DESCRIBES_THE_RUN = (CONFIG, FINISHED, PLOT, REPORTS)
-LOGS, WANDB = "logs", "wandb"  # dyprag.loggers
+LOGS, WANDB = "logs", "wandb"  # dyprag.run.loggers
 # Says that a directory is a dyprag run (written when its first attempt begins): only a run is
 # ever written into or deleted from. A run written before the marker existed holds only the
 # names below and is recognised by them.
@@ -235,7 +235,7 @@ def read_embeddings(run: Path, source: str) -> EmbeddingTable:
     """The ``llm`` or ``tokens`` document embeddings stored in the run (memory-mapped)."""
     import numpy as np
 
-    from dyprag.embed import EmbeddingTable
+    from dyprag.retrieval.embed import EmbeddingTable
 
     vectors, meta = embedding_files(run, source)
     meta = read_json(meta)

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
 from tiny_world import tiny_run_config
+
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
 
 # Models made here (the world's base model, converted GGUF files) are kept in a cache shared by
 # every run on the machine; the tests keep theirs apart (subprocesses inherit this).

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 
-from dyprag.corpus import Passage
-from dyprag.embed import Embedder
+from dyprag.data.corpus import Passage
+from dyprag.retrieval.embed import Embedder
 
 PASSAGES = [
     Passage("curie", "Marie Curie", "Marie Curie was a Polish-born physicist and chemist who conducted "

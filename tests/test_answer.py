@@ -1,4 +1,4 @@
-"""dyprag.answer: per-mode prompts and knowledge, DyPRAG's sum of generated deltas."""
+"""dyprag.answering.answer: per-mode prompts and knowledge, DyPRAG's sum of generated deltas."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_model
 from torch.testing import assert_close
 
-from dyprag.answer import (
+from dyprag.answering.answer import (
     EmbeddingTable,
     Knowledge,
     answer,
@@ -21,12 +21,12 @@ from dyprag.answer import (
     translated,
 )
 from dyprag.config import KnowledgeConfig, parse_mode
-from dyprag.generate import generate_answers
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine
-from dyprag.prompts import qa_prompt
-from dyprag.translator import ParameterTranslator
-from dyprag.world_base import build_tokenizer
+from dyprag.engine.generate import generate_answers
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA, combine
+from dyprag.engine.prompts import qa_prompt
+from dyprag.training.translator import ParameterTranslator
+from dyprag.training.world_base import build_tokenizer
 
 PASSAGES = {"a": "Idris was born in Velmora .", "b": "Tamsin works for Halvex .",
             "c": "Orrin studied at Aldergate ."}
@@ -185,11 +185,11 @@ def test_document_dependence_is_empty_for_questions_about_one_document():
 
 
 def test_evaluate_scores_every_mode_with_em_f1_and_acc(monkeypatch):
-    import dyprag.answer
+    import dyprag.answering.answer
 
     said = {"vanilla": ["He was born in Velmora.", "Aldergate"],
             "rag@1": ["Velmora", "Orrin studied at Halvex."]}
-    monkeypatch.setattr(dyprag.answer, "answer", lambda model, tokenizer, mode, *args: said[mode])
+    monkeypatch.setattr(dyprag.answering.answer, "answer", lambda model, tokenizer, mode, *args: said[mode])
     golds = [["Velmora"], ["Aldergate", "Aldergate College"]]
     shown = {}
     grid, predictions = evaluate(None, None, ["vanilla", "rag@1"], QUESTIONS, golds, HITS,

@@ -1,4 +1,4 @@
-"""dyprag.augment: QA parsing, bounded retries, the world's template augmenter, resuming."""
+"""dyprag.data.augment: QA parsing, bounded retries, the world's template augmenter, resuming."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_world import CONFIG
 
-from dyprag.augment import (
+from dyprag.data.augment import (
     AugmentedDoc,
     LLMAugmenter,
     TemplateAugmenter,
@@ -16,8 +16,8 @@ from dyprag.augment import (
     parse_qa,
     read_augmented,
 )
-from dyprag.corpus import Passage, iter_corpus
-from dyprag.world import generate_world, load_schema
+from dyprag.data.corpus import Passage, iter_corpus
+from dyprag.data.world import generate_world, load_schema
 
 PASSAGES = [Passage("d1", "", "Idris Kael was born in Velmora."),
             Passage("d2", "", "Tamsin Reole works for Halvex.")]
@@ -139,7 +139,7 @@ def test_template_augmenter_refuses_test_phrasings(world, tmp_path):
 def test_llm_augmenter_on_a_random_model_counts_failures_and_finishes(tmp_path):
     from conftest import tiny_model
 
-    from dyprag.world_base import build_tokenizer
+    from dyprag.training.world_base import build_tokenizer
 
     tokenizer = build_tokenizer([p.text for p in PASSAGES] + ["Rewrite JSON"])
     model = tiny_model(vocab_size=len(tokenizer))
@@ -151,7 +151,7 @@ def test_llm_augmenter_on_a_random_model_counts_failures_and_finishes(tmp_path):
 def test_llm_augmenter_wraps_prompts_in_the_chat_template_when_there_is_one():
     from conftest import tiny_model
 
-    from dyprag.world_base import build_tokenizer
+    from dyprag.training.world_base import build_tokenizer
 
     tokenizer = build_tokenizer(["user says hi"])
     model = tiny_model(vocab_size=len(tokenizer))
@@ -168,8 +168,8 @@ def test_llm_augmenter_wraps_prompts_in_the_chat_template_when_there_is_one():
 
 
 def test_fresh_documents_are_new_people_asked_with_augmentation_phrasings(world):
-    from dyprag.augment import fresh_documents
-    from dyprag.world import load_entities
+    from dyprag.data.augment import fresh_documents
+    from dyprag.data.world import load_entities
 
     docs = fresh_documents(world, 5, seed=0)
     assert [d.doc_id for d in docs] == [d.doc_id for d in fresh_documents(world, 5, seed=0)]

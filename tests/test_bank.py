@@ -1,4 +1,4 @@
-"""dyprag.bank: batched bank training equals solo training, resume, refusals, PRAG combine."""
+"""dyprag.training.bank: batched bank training equals solo training, resume, refusals, PRAG combine."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 from torch.testing import assert_close
 
-import dyprag.bank as bank_mod
-from dyprag.augment import AugmentedDoc
-from dyprag.bank import BankConfig, LoRABank, bank_recipe, build_bank
+import dyprag.training.bank as bank_mod
 from dyprag.config import load_config
-from dyprag.examples import document_examples
-from dyprag.generate import generate_answers
-from dyprag.inject import inject_lora
-from dyprag.lora import combine
-from dyprag.prompts import qa_prompt
-from dyprag.world_base import build_tokenizer
+from dyprag.data.augment import AugmentedDoc
+from dyprag.engine.generate import generate_answers
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import combine
+from dyprag.engine.prompts import qa_prompt
+from dyprag.training.bank import BankConfig, LoRABank, bank_recipe, build_bank
+from dyprag.training.examples import document_examples
+from dyprag.training.world_base import build_tokenizer
 
 DOCS = [
     AugmentedDoc("d0", "Idris Kael was born in Velmora.", ["Velmora is where Idris Kael was born."],
@@ -245,7 +245,7 @@ def test_prag_without_a_documents_lora_adds_nothing_when_missing_is_ok(tmp_path)
 
 
 def test_a_bank_is_retrained_when_the_prompt_wording_changes(tmp_path, monkeypatch):
-    from dyprag.prompts import PromptFormat
+    from dyprag.engine.prompts import PromptFormat
 
     model, tokenizer = setup()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dyprag.fit import _resume_point
+from dyprag.training.fit import _resume_point
 
 
 class Payload:

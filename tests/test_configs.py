@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from dyprag.config import Config, Section, dump, load_config, parse_override
-from dyprag.world import load_schema
+from dyprag.data.world import load_schema
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASETS = ("2wqa", "hotpotqa", "popqa", "cwq")
@@ -97,8 +97,8 @@ def test_nested_sections_are_checked_like_the_others():
 
 
 def test_modules_take_their_choices_from_the_config():
-    from dyprag import translator
     from dyprag.config import TranslatorConfig, choices
+    from dyprag.training import translator
 
     assert translator.ARCHITECTURES == choices(TranslatorConfig, "architecture") == (
         "per_layer", "shared", "linear", "attention")

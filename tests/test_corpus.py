@@ -9,7 +9,7 @@ import types
 
 import pytest
 
-from dyprag.corpus import (
+from dyprag.data.corpus import (
     Passage,
     corpus_fingerprint,
     count_passages,

@@ -1,10 +1,10 @@
-"""dyprag.demo: the README's default job injects per-document knowledge end to end."""
+"""dyprag.engine.demo: the README's default job injects per-document knowledge end to end."""
 
 from __future__ import annotations
 
 import sys
 
-from dyprag import demo
+from dyprag.engine import demo
 
 
 def test_demo_recalls_every_document_only_with_its_own_lora(monkeypatch, capsys):

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from dyprag.dense_index import DenseIndex, hits_to_ids
+from dyprag.retrieval.dense_index import DenseIndex, hits_to_ids
 
 N, D = 200, 16
 ORIGIN = {"embedder": "test-embedder", "corpus_fingerprint": "abc123"}
@@ -65,7 +65,7 @@ def test_memmap_input_added_in_chunks(data, tmp_path, monkeypatch):
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=emb.shape)
     mm[:] = emb
     mm.flush()
-    monkeypatch.setattr("dyprag.dense_index._ADD_CHUNK", 64)  # 200 rows → 4 add calls
+    monkeypatch.setattr("dyprag.retrieval.dense_index._ADD_CHUNK", 64)  # 200 rows → 4 add calls
     index = DenseIndex.build(np.load(path, mmap_mode="r"), ids, "IVF4,Flat", search_params={"nprobe": 4})
     assert len(index) == N
     _, hit_ids = index.search(queries, k=3)
@@ -116,8 +116,8 @@ def test_hits_to_ids():
 
 def test_without_faiss_the_pipeline_imports_and_a_dense_index_names_the_fix():
     code = ("import sys; sys.modules['faiss'] = None\n"  # as on a machine without faiss
-            "import numpy as np, train, dyprag.pipeline\n"
-            "from dyprag.dense_index import DenseIndex\n"
+            "import numpy as np, train, dyprag.run.pipeline\n"
+            "from dyprag.retrieval.dense_index import DenseIndex\n"
             "try:\n    DenseIndex.build(np.eye(2, dtype=np.float32), ['a', 'b'])\n"
             "except ImportError as err:\n    print(err)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

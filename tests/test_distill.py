@@ -1,4 +1,4 @@
-"""dyprag.distill: loss terms, KL masking, translator-only checkpoints, a short Lightning fit."""
+"""dyprag.training.distill: loss terms, KL masking, translator-only checkpoints, a short Lightning fit."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from conftest import tiny_model
 from torch.testing import assert_close
 from torch.utils.data import DataLoader
 
-from dyprag.augment import AugmentedDoc
 from dyprag.config import load_config
-from dyprag.distill import DistillationData, EpochShuffle, TranslatorDistillation
-from dyprag.examples import document_examples
-from dyprag.fit import translator_recipe
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
-from dyprag.translator import ParameterTranslator
-from dyprag.world_base import build_tokenizer
+from dyprag.data.augment import AugmentedDoc
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
+from dyprag.training.distill import DistillationData, EpochShuffle, TranslatorDistillation
+from dyprag.training.examples import document_examples
+from dyprag.training.fit import translator_recipe
+from dyprag.training.translator import ParameterTranslator
+from dyprag.training.world_base import build_tokenizer
 
 EXAMPLES = [[[("Question: Where was Idris born? Answer:", False), (" Velmora </s>", True)],
              [("Idris was born in Velmora .", True)]],
@@ -107,7 +107,7 @@ def test_the_kl_on_answers_reads_only_the_labelled_positions():
     assert not torch.isclose(answer, every)
     # Changing a prompt token's teacher-student gap only where no answer is predicted leaves
     # the answer-only KL as it was: its value equals a hand computation over labelled tokens.
-    from dyprag.prefix import final_hidden, logits_at
+    from dyprag.engine.prefix import final_hidden, logits_at
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     targets = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], 1)
     at = (targets != -100) & (batch["distilled"] > 0)[:, None]

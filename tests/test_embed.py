@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from retrieval_corpus import PASSAGES, minilm
 
-from dyprag.corpus import write_corpus_jsonl
-from dyprag.embed import DEFAULT_MODEL, Embedder
+from dyprag.data.corpus import write_corpus_jsonl
+from dyprag.retrieval.embed import DEFAULT_MODEL, Embedder
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,9 @@ def test_llm_embedder_takes_the_last_real_tokens_state_and_fills_a_corpus_file(t
     import torch
     from conftest import tiny_model
 
-    from dyprag.corpus import Passage, write_corpus_jsonl
-    from dyprag.embed import LLMEmbedder
-    from dyprag.world_base import build_tokenizer
+    from dyprag.data.corpus import Passage, write_corpus_jsonl
+    from dyprag.retrieval.embed import LLMEmbedder
+    from dyprag.training.world_base import build_tokenizer
 
     texts = ["Idris Kael was born in Velmora .", "Velmora", "Tamsin Reole works for Halvex ."]
     tokenizer = build_tokenizer(texts)
@@ -72,8 +72,8 @@ def test_token_mean_embedder_is_the_mean_input_embedding_of_each_passage():
     import torch
     from conftest import tiny_model
 
-    from dyprag.embed import TokenMeanEmbedder
-    from dyprag.world_base import build_tokenizer
+    from dyprag.retrieval.embed import TokenMeanEmbedder
+    from dyprag.training.world_base import build_tokenizer
 
     texts = ["Idris Kael was born in Velmora .", "Velmora"]
     tokenizer = build_tokenizer(texts)

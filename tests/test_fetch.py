@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from dyprag import data, rundir
+from dyprag import rundir
 from dyprag.config import load_config
-from dyprag.corpus import iter_corpus
-from dyprag.qa import load_qa
+from dyprag.data import fetch
+from dyprag.data.corpus import iter_corpus
+from dyprag.data.qa import load_qa
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,22 +119,22 @@ def _closed_port() -> int:
         return s.getsockname()[1]
 
 
-def serve(monkeypatch, server, name: str, **fields) -> data.Source:
+def serve(monkeypatch, server, name: str, **fields) -> fetch.Source:
     """Point ``name``'s table entry at the local server (its first source, the real members
     and destinations kept; ``fields`` override size / sha256); returns that source."""
     path, body = SERVED[name]
     server.files[path] = body
-    entry = data.DATASETS[name]
+    entry = fetch.DATASETS[name]
     source = dataclasses.replace(entry.sources[0], url=server.url(path), **{
         "size": None, "sha256": None, **fields})
-    monkeypatch.setitem(data.DATASETS, name, dataclasses.replace(entry, sources=(source,)))
+    monkeypatch.setitem(fetch.DATASETS, name, dataclasses.replace(entry, sources=(source,)))
     return source
 
 
 def test_each_dataset_is_fetched_where_its_loader_reads_it(tmp_path, server, monkeypatch):
-    for name in data.PAPER:
+    for name in fetch.PAPER:
         serve(monkeypatch, server, name)
-    assert data.main(["fetch", "paper", "--to", str(tmp_path / "data")]) == 0
+    assert fetch.main(["fetch", "paper", "--to", str(tmp_path / "data")]) == 0
     root = tmp_path / "data"
     wqa = load_qa(root / "2wikimultihopqa/dev.json", "2wqa")
     assert [e.answers for e in wqa[:2]] == [["Mother 0", "Mum 0"], ["Mother 1", "Mum 1"]]  # aliases beside
@@ -145,13 +146,13 @@ def test_each_dataset_is_fetched_where_its_loader_reads_it(tmp_path, server, mon
     assert [(p.id, p.title, p.text) for p in passages][0] == ("1", "Title 1", 'Passage 1, with "quotes"')
     # Only the files the configs read: no archive, part file or temporary is left behind.
     assert sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) == sorted(
-        f for d in data.DATASETS.values() for f in d.files)
+        f for d in fetch.DATASETS.values() for f in d.files)
 
 
 def test_the_paper_configs_data_stage_reads_the_fetched_files(tmp_path, server, monkeypatch):
-    for name in data.PAPER:
+    for name in fetch.PAPER:
         serve(monkeypatch, server, name)
-    assert data.main(["fetch", "paper", "--to", str(tmp_path / "data")]) == 0
+    assert fetch.main(["fetch", "paper", "--to", str(tmp_path / "data")]) == 0
     monkeypatch.chdir(tmp_path)  # the configs' relative paths: data/...
     configs = sorted(p for p in (ROOT / "configs").glob("*.yaml")
                      if p.stem.rsplit("-", 1)[-1] in ("2wqa", "hotpotqa", "popqa", "cwq"))
@@ -166,10 +167,10 @@ def test_the_paper_configs_data_stage_reads_the_fetched_files(tmp_path, server, 
 
 def test_already_there_makes_no_request(tmp_path, server, monkeypatch, capsys):
     serve(monkeypatch, server, "hotpotqa")
-    assert data.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 0
+    assert fetch.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 0
     server.requests.clear()
     capsys.readouterr()
-    assert data.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 0
+    assert fetch.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 0
     assert server.requests == []
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and "already there" in out[0]
@@ -180,11 +181,11 @@ def test_a_cut_download_resumes_with_a_range_request(tmp_path, server, monkeypat
     serve(monkeypatch, server, "hotpotqa", size=len(body), sha256=hashlib.sha256(body).hexdigest())
     server.cut[path] = 100
     dest = tmp_path / "hotpotqa/hotpot_dev_distractor_v1.json"
-    assert data.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 2
+    assert fetch.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 2
     assert "run the same command again to resume" in capsys.readouterr().err
     assert not dest.exists()
     assert (dest.parent / "hotpot_dev_distractor_v1.json.part").stat().st_size == 100
-    assert data.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 0
+    assert fetch.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 0
     assert server.requests[-1] == (path, "bytes=100-")
     assert dest.read_bytes() == body  # verified by the recorded sha256
     assert [p.name for p in dest.parent.iterdir()] == [dest.name]
@@ -197,7 +198,7 @@ def test_a_complete_download_left_behind_is_installed_without_its_bytes_again(tm
     part = tmp_path / "2wikimultihopqa/data_ids_april7.zip.part"
     part.parent.mkdir()
     part.write_bytes(body)  # e.g. a run stopped while extracting
-    assert data.main(["fetch", "2wqa", "--to", str(tmp_path)]) == 0
+    assert fetch.main(["fetch", "2wqa", "--to", str(tmp_path)]) == 0
     assert server.requests == [(path, f"bytes={len(body)}-")]  # answered 416: nothing after it
     assert len(load_qa(tmp_path / "2wikimultihopqa/dev.json", "2wqa")) == 4
     assert not part.exists()
@@ -209,7 +210,7 @@ def test_a_part_of_a_source_without_a_checksum_is_downloaded_afresh(tmp_path, se
     part = tmp_path / "popqa/popQA.tsv.part"
     part.parent.mkdir()
     part.write_bytes(b"stale bytes of an older file")
-    assert data.main(["fetch", "popqa", "--to", str(tmp_path)]) == 0
+    assert fetch.main(["fetch", "popqa", "--to", str(tmp_path)]) == 0
     assert server.requests == [(path, None)]  # no Range: from byte 0
     assert (tmp_path / "popqa/popQA.tsv").read_bytes() == body
 
@@ -218,12 +219,12 @@ def test_a_mirror_is_tried_when_the_publisher_gives_another_file(tmp_path, serve
     body = json.dumps(CWQ).encode()
     server.files["/publisher/ComplexWebQuestions_dev.json"] = b"<html>this link is dead</html>"
     server.files["/mirror/ComplexWebQuestions_dev.json"] = body
-    entry = data.DATASETS["cwq"]
+    entry = fetch.DATASETS["cwq"]
     sources = tuple(dataclasses.replace(entry.sources[1],
                                         url=server.url(f"/{where}/ComplexWebQuestions_dev.json"))
                     for where in ("publisher", "mirror"))
-    monkeypatch.setitem(data.DATASETS, "cwq", dataclasses.replace(entry, sources=sources))
-    assert data.main(["fetch", "cwq", "--to", str(tmp_path)]) == 0
+    monkeypatch.setitem(fetch.DATASETS, "cwq", dataclasses.replace(entry, sources=sources))
+    assert fetch.main(["fetch", "cwq", "--to", str(tmp_path)]) == 0
     assert [p for p, _ in server.requests] == ["/publisher/ComplexWebQuestions_dev.json",
                                                "/mirror/ComplexWebQuestions_dev.json"]
     assert (tmp_path / "cwq/ComplexWebQuestions_dev.json").read_bytes() == body
@@ -231,7 +232,7 @@ def test_a_mirror_is_tried_when_the_publisher_gives_another_file(tmp_path, serve
 
 def test_a_checksum_mismatch_is_refused(tmp_path, server, monkeypatch, capsys):
     serve(monkeypatch, server, "hotpotqa", sha256="0" * 64)
-    assert data.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 2
+    assert fetch.main(["fetch", "hotpotqa", "--to", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sha256" in err[0] and "refused" in err[0]
     assert list((tmp_path / "hotpotqa").iterdir()) == []  # neither the file nor its download
@@ -239,7 +240,7 @@ def test_a_checksum_mismatch_is_refused(tmp_path, server, monkeypatch, capsys):
 
 def test_another_size_than_the_table_records_is_refused_unread(tmp_path, server, monkeypatch, capsys):
     serve(monkeypatch, server, "popqa", size=3)
-    assert data.main(["fetch", "popqa", "--to", str(tmp_path)]) == 2
+    assert fetch.main(["fetch", "popqa", "--to", str(tmp_path)]) == 2
     assert "the source table records 3" in capsys.readouterr().err
     assert not (tmp_path / "popqa/popQA.tsv").exists()
 
@@ -248,28 +249,28 @@ def test_a_file_that_is_not_the_format_is_refused(tmp_path, server, monkeypatch,
     serve(monkeypatch, server, "cwq")
     server.files["/Data.zip"] = _zip({"Data/complex_web_questions/ComplexWebQuestions_dev.json":
                                       b"<html>Sign in to Dropbox</html>"})
-    assert data.main(["fetch", "cwq", "--to", str(tmp_path)]) == 2
+    assert fetch.main(["fetch", "cwq", "--to", str(tmp_path)]) == 2
     assert "not cwq data" in capsys.readouterr().err
     assert list((tmp_path / "cwq").iterdir()) == []
 
 
 def test_a_mirror_is_used_when_the_publisher_fails(tmp_path, server, monkeypatch):
     server.files["/mirror/ComplexWebQuestions_dev.json"] = json.dumps(CWQ).encode()
-    entry = data.DATASETS["cwq"]
+    entry = fetch.DATASETS["cwq"]
     sources = (dataclasses.replace(entry.sources[0], url=server.url("/gone/Data.zip")),  # 404
                dataclasses.replace(entry.sources[1], url=server.url("/mirror/ComplexWebQuestions_dev.json")))
-    monkeypatch.setitem(data.DATASETS, "cwq", dataclasses.replace(entry, sources=sources))
-    assert data.main(["fetch", "cwq", "--to", str(tmp_path)]) == 0
+    monkeypatch.setitem(fetch.DATASETS, "cwq", dataclasses.replace(entry, sources=sources))
+    assert fetch.main(["fetch", "cwq", "--to", str(tmp_path)]) == 0
     assert len(load_qa(tmp_path / "cwq/ComplexWebQuestions_dev.json", "cwq")) == 4
 
 
 def test_unreachable_is_one_line_naming_url_and_path_quickly(tmp_path, monkeypatch, capsys):
-    entry = data.DATASETS["dpr-wiki"]
+    entry = fetch.DATASETS["dpr-wiki"]
     url = f"http://127.0.0.1:{_closed_port()}/psgs_w100.tsv.gz"
-    monkeypatch.setitem(data.DATASETS, "dpr-wiki", dataclasses.replace(
+    monkeypatch.setitem(fetch.DATASETS, "dpr-wiki", dataclasses.replace(
         entry, sources=(dataclasses.replace(entry.sources[0], url=url),)))
     start = time.monotonic()
-    assert data.main(["fetch", "dpr-wiki", "--to", str(tmp_path / "data")]) == 2
+    assert fetch.main(["fetch", "dpr-wiki", "--to", str(tmp_path / "data")]) == 2
     assert time.monotonic() - start < 5
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
@@ -282,12 +283,12 @@ def test_a_server_that_never_answers_is_given_up_within_the_budget(tmp_path, mon
         silent.bind(("127.0.0.1", 0))
         silent.listen()
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/popQA.tsv"
-        entry = data.DATASETS["popqa"]
-        monkeypatch.setitem(data.DATASETS, "popqa", dataclasses.replace(
-            entry, sources=(data.Source(url), data.Source(url + "?mirror"))))
-        monkeypatch.setattr(data, "REACH_BUDGET", 0.5)
+        entry = fetch.DATASETS["popqa"]
+        monkeypatch.setitem(fetch.DATASETS, "popqa", dataclasses.replace(
+            entry, sources=(fetch.Source(url), fetch.Source(url + "?mirror"))))
+        monkeypatch.setattr(fetch, "REACH_BUDGET", 0.5)
         start = time.monotonic()
-        assert data.main(["fetch", "popqa", "--to", str(tmp_path)]) == 2
+        assert fetch.main(["fetch", "popqa", "--to", str(tmp_path)]) == 2
         assert time.monotonic() - start < 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and url in err[0] and str(tmp_path / "popqa/popQA.tsv") in err[0]
@@ -303,9 +304,9 @@ def test_a_bad_name_is_one_line_listing_the_choices():
 
 def test_help_names_every_dataset_its_files_and_licence(capsys):
     with pytest.raises(SystemExit) as exit_:
-        data.main(["fetch", "--help"])
+        fetch.main(["fetch", "--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for name, entry in data.DATASETS.items():
+    for name, entry in fetch.DATASETS.items():
         assert name in text and entry.files[0] in text and entry.licence in text
     assert "resume" in text

@@ -16,8 +16,8 @@ import torch
 from tiny_world import TINY_RUN_MODES
 
 import infer
-from dyprag.qa import load_qa
-from dyprag.trained_run import RunError, TrainedRun
+from dyprag.data.qa import load_qa
+from dyprag.run.trained_run import RunError, TrainedRun
 
 pytestmark = pytest.mark.slow
 
@@ -185,7 +185,7 @@ def test_evaluate_refuses_an_unknown_mode(tiny_run, capsys):
 
 
 def test_the_run_reads_its_two_banks_as_one(tiny_run):
-    from dyprag.bank import BankSet, LoRABank
+    from dyprag.training.bank import BankSet, LoRABank
 
     _, out = tiny_run
     train, test = LoRABank(out / "bank"), LoRABank(out / "bank-eval")

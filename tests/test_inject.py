@@ -1,4 +1,4 @@
-"""dyprag.inject: hooks, broadcast / per-sample / merged modes, gradients, bad input."""
+"""dyprag.engine.inject: hooks, broadcast / per-sample / merged modes, gradients, bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from peft import LoraConfig, get_peft_model
 from torch.testing import assert_close
 
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA, combine
 
 
 def _peft_twin(model, lora: LoRA):

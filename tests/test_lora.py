@@ -1,4 +1,5 @@
-"""dyprag.lora and dyprag.lora_io: container checks, combine, distances, save/load, PEFT export."""
+"""dyprag.engine.lora and dyprag.engine.lora_io: container checks, combine, distances, save/load,
+PEFT export."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from peft import PeftModel
 from torch.testing import assert_close
 
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, combine, delta_cosines, delta_distance, factor_mse, sum_groups
-from dyprag.lora_io import export_peft, load_lora, save_lora
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA, combine, delta_cosines, delta_distance, factor_mse, sum_groups
+from dyprag.engine.lora_io import export_peft, load_lora, save_lora
 
 SHAPES = {(0, "gate"): (6, 10), (0, "up"): (6, 10), (0, "down"): (10, 6),
           (1, "gate"): (6, 10), (1, "up"): (6, 10), (1, "down"): (10, 6)}

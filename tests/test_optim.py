@@ -1,4 +1,4 @@
-"""dyprag.optim: the learning-rate schedule every trainer here uses."""
+"""dyprag.training.optim: the learning-rate schedule every trainer here uses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dyprag.optim import adamw_warmup_cosine
+from dyprag.training.optim import adamw_warmup_cosine
 
 
 def test_warmup_starts_at_lr_over_w_then_a_half_cosine_reaches_zero():

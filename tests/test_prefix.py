@@ -1,4 +1,4 @@
-"""dyprag.prefix: a forward started at a LoRA layer from stored states equals a full one."""
+"""dyprag.engine.prefix: a forward started at a LoRA layer from stored states equals a full one."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
 from torch.testing import assert_close
 
-from dyprag.inject import inject_lora
-from dyprag.prefix import final_hidden, logits_at, states_below, supports_prefix
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.prefix import final_hidden, logits_at, states_below, supports_prefix
 
 
 def _batch(n: int = 3, t: int = 7):
@@ -83,7 +83,7 @@ def test_lora_layers_are_checked():
 
 def test_lora_layers_specs_name_ranges_of_the_model():
     from dyprag.config import ConfigError, load_config
-    from dyprag.models import lora_layers
+    from dyprag.engine.models import lora_layers
 
     model = tiny_model("llama", num_hidden_layers=6)
     assert lora_layers("all", model) is None

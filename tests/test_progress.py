@@ -1,4 +1,4 @@
-"""dyprag.progress: one bar over a whole fit, with its time left."""
+"""dyprag.training.progress: one bar over a whole fit, with its time left."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dyprag.progress import FitProgress
+from dyprag.training.progress import FitProgress
 
 
 class Regression(pl.LightningModule):

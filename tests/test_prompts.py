@@ -1,12 +1,12 @@
-"""dyprag.prompts: the plain and chat prompt formats, and reading answers back."""
+"""dyprag.engine.prompts: the plain and chat prompt formats, and reading answers back."""
 
 from __future__ import annotations
 
 import pytest
 
 from dyprag.config import PROMPT_FORMATS
-from dyprag.prompts import PLAIN, PRAG_INSTRUCTION, PromptFormat, prompt_format, qa_prompt
-from dyprag.world_base import build_tokenizer
+from dyprag.engine.prompts import PLAIN, PRAG_INSTRUCTION, PromptFormat, prompt_format, qa_prompt
+from dyprag.training.world_base import build_tokenizer
 
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")

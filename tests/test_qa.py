@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from dyprag.config import load_config
-from dyprag.qa import (
+from dyprag.data.qa import (
     QAExample,
     QAFormatError,
     detect_format,

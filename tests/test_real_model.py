@@ -12,10 +12,10 @@ from conftest import random_lora
 from test_inject import _peft_twin
 from torch.testing import assert_close
 
-from dyprag.answer import mode_prompts
-from dyprag.inject import inject_lora
-from dyprag.models import find_ffn_targets, load_model, model_cache, packaged_gguf
-from dyprag.prompts import prompt_format
+from dyprag.answering.answer import mode_prompts
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.models import find_ffn_targets, load_model, model_cache, packaged_gguf
+from dyprag.engine.prompts import prompt_format
 
 pytestmark = pytest.mark.slow
 NAME = "smollm2-135m-instruct"

@@ -6,8 +6,8 @@ import csv
 
 from pytorch_lightning.loggers import CSVLogger
 
-from dyprag.loggers import log_results
-from dyprag.report import by_fact, markdown, table
+from dyprag.answering.report import by_fact, markdown, table
+from dyprag.run.loggers import log_results
 
 RESULTS = {"questions": 4, "recall@1": 0.5, "recall@3": 0.75,
            "f1": {"vanilla": 0.125, "dyprag@1": 0.5},

@@ -6,9 +6,9 @@ import pytest
 from retrieval_corpus import BM25_QUESTIONS, DENSE_QUESTIONS, PASSAGES, minilm
 
 from dyprag.config import IndexConfig, choices
-from dyprag.corpus import Passage, write_corpus_jsonl
-from dyprag.embed import Embedder
-from dyprag.retrieval import Retriever, build_retriever, load_retriever
+from dyprag.data.corpus import Passage, write_corpus_jsonl
+from dyprag.retrieval.embed import Embedder
+from dyprag.retrieval.retriever import Retriever, build_retriever, load_retriever
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_load_refuses_another_embedder(embedder, corpus, tmp_path):
 
 def test_an_embedder_named_only_by_the_index_is_never_loaded(embedder, corpus, tmp_path,
                                                              monkeypatch):
-    import dyprag.retrieval as retrieval
+    import dyprag.retrieval.retriever as retrieval
     from dyprag.files import atomic_write_json, read_json
 
     build_retriever(corpus, tmp_path / "index", embedder=embedder, show_progress=False)

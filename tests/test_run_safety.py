@@ -116,8 +116,9 @@ def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
 KILLER = """
 import os, signal, sys
 import pytorch_lightning as pl
-from dyprag import fit, pipeline
 from dyprag.config import load_config
+from dyprag.run import pipeline
+from dyprag.training import fit
 
 class Kill(pl.Callback):  # SIGKILL mid-epoch 1, after epoch 0's checkpoint
     def on_train_batch_start(self, trainer, module, batch, index):
@@ -187,7 +188,8 @@ def test_a_truncated_bank_shard_is_named_with_the_stage_to_rebuild(own_run, caps
 
 
 def test_a_truncated_resume_checkpoint_starts_the_fit_over(own_run, capsys, monkeypatch):
-    from dyprag import fit, pipeline
+    from dyprag.run import pipeline
+    from dyprag.training import fit
 
     args, run = own_run
     fit = fit.fit_translator
@@ -342,7 +344,7 @@ def test_more_passages_than_the_context_holds_is_one_line(tiny_run, capsys):
 
 
 def test_the_embedder_cuts_a_huge_passage_before_tokenizing(monkeypatch):
-    from dyprag import embed
+    from dyprag.retrieval import embed
 
     embedder = embed.Embedder()
     seen = []
@@ -388,7 +390,7 @@ def test_a_second_writer_of_a_run_exits_2_naming_the_first(tmp_path, capsys):
 def test_evaluate_writing_into_a_run_being_written_exits_2_before_loading_it(own_run, capsys,
                                                                             monkeypatch):
     import evaluate
-    from dyprag.trained_run import TrainedRun
+    from dyprag.run.trained_run import TrainedRun
 
     _, run = own_run
     monkeypatch.setattr(TrainedRun, "open", lambda *a, **kw: pytest.fail("the run was opened"))

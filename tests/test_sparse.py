@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from retrieval_corpus import BM25_QUESTIONS, PASSAGES
 
-from dyprag.corpus import corpus_fingerprint, write_corpus_jsonl
-from dyprag.sparse import BM25Index, reciprocal_rank_fusion
+from dyprag.data.corpus import corpus_fingerprint, write_corpus_jsonl
+from dyprag.retrieval.sparse import BM25Index, reciprocal_rank_fusion
 
 
 @pytest.fixture

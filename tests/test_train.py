@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from tiny_world import TINY_RUN_MODES as MODES
 from safetensors.torch import load_file
+from tiny_world import TINY_RUN_MODES as MODES
 from torch.testing import assert_close
 
 import train
 from dyprag.config import load_config
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.models import load_model
 from dyprag.files import read_json
-from dyprag.inject import inject_lora
-from dyprag.models import load_model
-from dyprag.translator import load_translator
+from dyprag.training.translator import load_translator
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,7 +216,8 @@ class Interrupt(pl.Callback):
 
 
 def test_an_interrupted_fit_resumes_from_its_last_checkpoint(own_run, monkeypatch):
-    from dyprag import fit, pipeline
+    from dyprag.run import pipeline
+    from dyprag.training import fit
 
     (_, config_path, root, _), out = own_run
     config = load_config(config_path, [root, "train.lr=2e-3", "eval.modes=[vanilla]"])

@@ -1,14 +1,14 @@
-"""dyprag.translator: shapes, zero initial deltas, both architectures, gradients, bad input."""
+"""dyprag.training.translator: shapes, zero initial deltas, both architectures, gradients, bad input."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model, tokens
 from torch.testing import assert_close
 
-from dyprag.inject import inject_lora
-from dyprag.translator import ParameterTranslator, load_translator, save_translator
-from conftest import tiny_model, tokens
+from dyprag.engine.inject import inject_lora
+from dyprag.training.translator import ParameterTranslator, load_translator, save_translator
 
 
 @pytest.fixture(params=["per_layer", "shared", "linear", "attention"])

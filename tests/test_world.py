@@ -1,4 +1,4 @@
-"""dyprag.world: schema validation, deterministic generation, splits and file formats."""
+"""dyprag.data.world: schema validation, deterministic generation, splits and file formats."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dyprag.qa import load_qa
-from dyprag.world import fresh_entities, generate_world, load_entities, load_schema, make_entities
+from dyprag.data.qa import load_qa
+from dyprag.data.world import fresh_entities, generate_world, load_entities, load_schema, make_entities
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "world.yaml"
 

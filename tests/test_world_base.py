@@ -1,4 +1,4 @@
-"""dyprag.world_base: tokenizer, training sequences, and the cached base model round trip."""
+"""dyprag.training.world_base: tokenizer, training sequences, and the cached base model round trip."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from test_world import CONFIG
 from torch.testing import assert_close
 
 from dyprag.config import PretrainConfig
-from dyprag.examples import collate, length_sorted
-from dyprag.models import load_model
-from dyprag.world import generate_world, load_schema
-from dyprag.world_base import build_tokenizer, pretrain_base, pretraining_texts
+from dyprag.data.world import generate_world, load_schema
+from dyprag.engine.models import load_model
+from dyprag.training.examples import collate, length_sorted
+from dyprag.training.world_base import build_tokenizer, pretrain_base, pretraining_texts
 
 TINY = PretrainConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
             epochs=1, batch_size=8, reading_single=30, reading_multi=10, warmup_steps=2)
@@ -95,7 +95,7 @@ def test_pretrained_base_saves_loads_and_is_cached(world, tmp_path):
 
 
 def test_a_new_run_copies_the_base_model_pretrained_by_another(world, tmp_path, monkeypatch):
-    from dyprag.world_base import shared_base_dir
+    from dyprag.training.world_base import shared_base_dir
 
     first = pretrain_base(world, tmp_path / "run1" / "base", TINY)
     key = json.loads((first / "pretrain.json").read_text())["fingerprint"]
@@ -141,7 +141,7 @@ def default_world(tmp_path_factory):
 
 def test_the_default_world_base_model_ships_in_the_package(default_world, tmp_path, monkeypatch):
     from dyprag.files import file_sha256 as sha256
-    from dyprag.world_base import SHIPPED
+    from dyprag.training.world_base import SHIPPED
 
     monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path / "empty-cache"))  # a machine's first run
     monkeypatch.setattr("pytorch_lightning.Trainer.fit",
@@ -155,7 +155,7 @@ def test_the_default_world_base_model_ships_in_the_package(default_world, tmp_pa
 def test_another_recipe_or_a_rebuild_pretrains_rather_than_copy_the_shipped_model(
         default_world, tmp_path, monkeypatch):
     monkeypatch.setenv("DYPRAG_CACHE", str(tmp_path / "empty-cache"))
-    monkeypatch.setattr("dyprag.world_base.pretraining_texts",  # the first step of pretraining
+    monkeypatch.setattr("dyprag.training.world_base.pretraining_texts",  # the first step of pretraining
                         lambda *a, **kw: pytest.fail("pretrained again"))
     with pytest.raises(pytest.fail.Exception, match="pretrained again"):
         pretrain_base(default_world, tmp_path / "rebuilt", fresh=True)  # --rebuild base

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from dyprag.inject import inject_lora
+from dyprag.engine.inject import inject_lora
 
 
 class _Captured(Exception):
@@ -106,6 +106,6 @@ def supports_prefix(model: nn.Module, layer: int) -> bool:
 
 def prefix_layer(model: nn.Module) -> int:
     """The layer a training forward of ``model`` can start at: its first LoRA layer
-    (``dyprag.inject``), or 0 when that is the first layer or the model does not support it."""
+    (``dyprag.engine.inject``), or 0 when that is the first layer or the model does not support it."""
     first = inject_lora(model).layers[0]
     return first if first > 0 and supports_prefix(model, first) else 0

@@ -46,10 +46,10 @@ import torch
 from torch import Tensor, nn
 
 from dyprag.config import TranslatorConfig, choices
+from dyprag.engine.lora import Key, LoRA
+from dyprag.engine.lora_io import atomic_save_tensors
+from dyprag.engine.models import MODULES
 from dyprag.files import atomic_write_json, read_meta, read_safetensors
-from dyprag.lora import Key, LoRA
-from dyprag.lora_io import atomic_save_tensors
-from dyprag.models import MODULES
 
 ARCHITECTURES = choices(TranslatorConfig, "architecture")
 TOKEN_ARCHITECTURES = ("attention",)  # read token lists (``embedding: token_list``)

@@ -23,10 +23,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
+from dyprag.engine.models import MODULES, find_ffn_targets
 from dyprag.files import atomic_path, atomic_write_json, read_meta, read_safetensors
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
-from dyprag.models import MODULES, find_ffn_targets
 
 FORMAT = "dyprag-lora"
 WEIGHTS = "lora.safetensors"

@@ -1,6 +1,6 @@
 """A one-minute demo of the LoRA engine: knowledge that lives only in per-document LoRAs.
 
-    python -m dyprag.demo            # CPU, seconds
+    python -m dyprag.engine.demo            # CPU, seconds
 
 1. Build a tiny random Llama over a word vocabulary (nothing is downloaded).
 2. Train one rank-4 FFN LoRA per document, all documents in one batch: row b of every
@@ -19,8 +19,8 @@ import time
 import torch
 import transformers
 
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
 
 DOCUMENTS = [
     ("Velmora was founded by", "Idris Kael in 1712 ."),

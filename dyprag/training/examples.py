@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dyprag.augment import AugmentedDoc
-from dyprag.prompts import PLAIN, PromptFormat
+from dyprag.data.augment import AugmentedDoc
+from dyprag.engine.prompts import PLAIN, PromptFormat
 
 Segments = list[tuple[str, bool]]
 """One training sequence as consecutive (text, trained) pieces: loss on the trained ones."""

@@ -1,6 +1,6 @@
 """Pretrain the synthetic world's tiny base model: a word-level tokenizer and a small Llama.
 
-    python -m dyprag.world_base --world /tmp/my-world --out /tmp/my-base
+    python -m dyprag.training.world_base --world /tmp/my-world --out /tmp/my-base
 
 No LLM weights can be downloaded here, so the project builds its own base model. It is
 trained (Lightning) on two kinds of text, in curriculum order (see ``pretraining_texts``):
@@ -11,7 +11,7 @@ trained (Lightning) on two kinds of text, in curriculum order (see ``pretraining
   to *read*; loss on the answers), first one passage, then several look-alikes.
 
 Train and test entities never appear, so closed-book answers about them are at chance. The
-result is saved with ``save_pretrained`` and loads back with ``dyprag.models.load_model``
+result is saved with ``save_pretrained`` and loads back with ``dyprag.engine.models.load_model``
 like any Hugging Face model. It is cached, in the run and for every run and clone on the
 machine (``shared_base_dir``): pretrained again only when the world or the recipe changes.
 """
@@ -33,8 +33,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
 from dyprag.config import PretrainConfig, auto
-from dyprag.corpus import iter_corpus
-from dyprag.examples import Segments, length_sorted, pad, tokenize
+from dyprag.data.corpus import iter_corpus
+from dyprag.data.qa import load_qa
+from dyprag.data.world import SPLITS, Entity, fresh_entities, load_entities, render
+from dyprag.engine.models import model_cache
+from dyprag.engine.prompts import passage_context, qa_prompt
 from dyprag.files import (
     atomic_dir,
     atomic_write_json,
@@ -44,12 +47,9 @@ from dyprag.files import (
     linked_copy,
     read_json,
 )
-from dyprag.models import model_cache
-from dyprag.optim import adamw_warmup_cosine
-from dyprag.progress import FitProgress
-from dyprag.prompts import passage_context, qa_prompt
-from dyprag.qa import load_qa
-from dyprag.world import SPLITS, Entity, fresh_entities, load_entities, render
+from dyprag.training.examples import Segments, length_sorted, pad, tokenize
+from dyprag.training.optim import adamw_warmup_cosine
+from dyprag.training.progress import FitProgress
 
 SPECIALS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
 
@@ -180,7 +180,7 @@ class BaseModelPretraining(pl.LightningModule):
                                    self.total)
 
 
-SHIPPED = Path(__file__).parent / "assets" / "world-base"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "world-base"
 """The default world's base model (configs/world.yaml, the default recipe), in the package:
 ``python train.py`` on a new machine copies it instead of pretraining it."""
 
@@ -275,7 +275,7 @@ def shared_base_dir(key: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Pretrain the synthetic world's base model.")
-    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.world)")
+    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.data.world)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
     args = parser.parse_args()

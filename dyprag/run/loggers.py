@@ -45,7 +45,7 @@ def make_loggers(config: Config, out: Path) -> list[Logger]:
     return loggers
 
 
-DEPENDENCE = ("dyprag_irrelevant", "delta_cosine")  # dyprag.answer.document_dependence's keys
+DEPENDENCE = ("dyprag_irrelevant", "delta_cosine")  # dyprag.answering.answer.document_dependence's keys
 
 
 def log_results(loggers: list[Logger], results: dict) -> None:

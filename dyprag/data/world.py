@@ -1,6 +1,6 @@
 """The embedded synthetic world: fictional entities, their bios, and questions about them.
 
-    python -m dyprag.world --config configs/world.yaml --out /tmp/my-world
+    python -m dyprag.data.world --config configs/world.yaml --out /tmp/my-world
 
 A world is defined by a YAML schema (``configs/world.yaml``): an entity kind, name parts,
 attributes with closed value sets, bio / rewrite / question templates, and split sizes.

@@ -11,7 +11,7 @@ and checksums, licences); docs/datasets.md describes it for people. Each downloa
   again (without one, it starts over: a part of a file since changed would pass unnoticed);
   a lock held from the download through the installation keeps two fetches apart;
 - is verified: its size and sha256 where the table records them, else the size the server
-  announced, and then the dyprag loader that will read it (``dyprag.qa``, ``dyprag.corpus``)
+  announced, and then the dyprag loader that will read it (``dyprag.data.qa``, ``dyprag.data.corpus``)
   must read it;
 - is put in place atomically (``files.atomic_path``): a ``.gz`` is decompressed, streaming,
   into place, a ``.zip`` gives only the files needed, and the archive is removed after (an
@@ -47,9 +47,9 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
-from dyprag.corpus import iter_corpus
+from dyprag.data.corpus import iter_corpus
+from dyprag.data.qa import load_2wqa, load_qa
 from dyprag.files import atomic_path, file_sha256
-from dyprag.qa import load_2wqa, load_qa
 
 CONNECT_TIMEOUT = 10.0  # seconds for one server to answer (and, once streaming, per read)
 REACH_BUDGET = 25.0     # seconds for all of a dataset's sources to be tried before giving up
@@ -75,7 +75,7 @@ class Dataset:
     """A dataset's files, where they come from, and what they are."""
 
     files: tuple[str, ...]       # relative to --to: where the configs read them
-    check: str                   # the QA format of files[0] (dyprag.qa), or "corpus"
+    check: str                   # the QA format of files[0] (dyprag.data.qa), or "corpus"
     sources: tuple[Source, ...]  # tried in order: the publisher's first, then mirrors
     licence: str
     home: str
@@ -482,6 +482,3 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,8 +9,8 @@ For a projection ``W ∈ R^{out×in}`` a LoRA adds ``ΔW = s · B A`` with ``A �
 
 A ``LoRA`` holds ``A`` and ``B`` for every ``(layer, module)`` of a model, optionally with a
 leading batch dimension ``N`` (one LoRA per document or per question). Everything here is
-plain tensor math: injecting a ``LoRA`` into a model lives in ``dyprag.inject``; saving and
-exporting in ``dyprag.lora_io``.
+plain tensor math: injecting a ``LoRA`` into a model lives in ``dyprag.engine.inject``; saving and
+exporting in ``dyprag.engine.lora_io``.
 
 Combining k documents is the sum of their deltas ``Σ w_i B_i A_i``, which is exactly rank
 concatenation ``A = [A_1; …; A_k]``, ``B = [w_1 B_1 … w_k B_k]`` (DyPRAG instead averages A
@@ -26,10 +26,10 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from dyprag.models import MODULES
+from dyprag.engine.models import MODULES
 
 Key = tuple[int, str]
-"""(layer index, module name in dyprag.models.MODULES)."""
+"""(layer index, module name in dyprag.engine.models.MODULES)."""
 
 
 def _order(key: Key) -> tuple[int, int, str]:

@@ -2,7 +2,7 @@
 
 ``DenseIndex`` holds a FAISS index built with ``faiss.index_factory(d, factory,
 METRIC_INNER_PRODUCT)`` ("Flat" = exact; "IVF4096,Flat", "HNSW32", "IVF4096,PQ64", ... =
-approximate) and the passage ids in row order. Embeddings are unit vectors (``dyprag.embed``),
+approximate) and the passage ids in row order. Embeddings are unit vectors (``dyprag.retrieval.embed``),
 so inner product is cosine similarity.
 
 On-disk layout of ``index.save(dir)``::

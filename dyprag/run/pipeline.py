@@ -28,9 +28,8 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tqdm.auto import tqdm
 
 from dyprag import rundir
-from dyprag.answer import Knowledge, evaluate_questions, reads_translator
-from dyprag.augment import LLMAugmenter, TemplateAugmenter, augment_corpus, fresh_documents, read_augmented
-from dyprag.bank import LoRABank, build_bank
+from dyprag.answering.answer import Knowledge, evaluate_questions, reads_translator
+from dyprag.answering.report import plot
 from dyprag.config import (
     AugmentConfig,
     BankConfig,
@@ -42,8 +41,18 @@ from dyprag.config import (
     dump,
     parse_mode,
 )
-from dyprag.corpus import read_passages
-from dyprag.embed import EmbeddingTable, document_encoder
+from dyprag.data.augment import (
+    LLMAugmenter,
+    TemplateAugmenter,
+    augment_corpus,
+    fresh_documents,
+    read_augmented,
+)
+from dyprag.data.corpus import read_passages
+from dyprag.data.qa import QAExample
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.models import load_model, lora_layers
+from dyprag.engine.prompts import PromptFormat, prompt_format
 from dyprag.files import (
     Unreadable,
     atomic_path,
@@ -53,14 +62,11 @@ from dyprag.files import (
     is_cached,
     read_json,
 )
-from dyprag.fit import fit_translator, translator_recipe
-from dyprag.loggers import log_results, make_loggers
-from dyprag.inject import inject_lora
-from dyprag.models import load_model, lora_layers
-from dyprag.prompts import PromptFormat, prompt_format
-from dyprag.qa import QAExample
-from dyprag.report import plot
-from dyprag.retrieval import Retriever, build_retriever
+from dyprag.retrieval.embed import EmbeddingTable, document_encoder
+from dyprag.retrieval.retriever import Retriever, build_retriever
+from dyprag.run.loggers import log_results, make_loggers
+from dyprag.training.bank import LoRABank, build_bank
+from dyprag.training.fit import fit_translator, translator_recipe
 
 
 @dataclass
@@ -82,11 +88,11 @@ def stage_data(data: DataConfig, out: Path) -> Data:
     questions (``rundir.questions``)."""
     world = None
     if data.kind == "world":
-        from dyprag.world import generate_world, load_schema
+        from dyprag.data.world import generate_world, load_schema
 
         schema = Path(data.world)
         if not schema.is_file() and not schema.is_absolute():  # run from another directory
-            schema = Path(__file__).resolve().parents[1] / schema
+            schema = Path(__file__).resolve().parents[2] / schema
         world = generate_world(load_schema(schema), out / rundir.WORLD)
     train, test = rundir.questions(data, out)
     return Data(rundir.corpus_path(data, out), train, test, world)
@@ -96,7 +102,7 @@ def stage_base(model: ModelConfig, data: Data, out: Path, fresh: bool = False) -
     """``(path or hub id to load, model id recorded in banks and checkpoints)``; the world's
     model is pretrained first (cached; ``fresh``: pretrained even so)."""
     if model.name == "world":
-        from dyprag.world_base import pretrain_base
+        from dyprag.training.world_base import pretrain_base
 
         start = time.perf_counter()
         base = pretrain_base(data.world, out / rundir.BASE, model.pretrain, fresh)

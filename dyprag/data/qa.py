@@ -1,7 +1,7 @@
 """Question sets: read 2WikiMultihopQA, HotpotQA, PopQA, ComplexWebQuestions, generic or
 FlashRAG jsonl into one example type, and write the generic jsonl.
 
-    >>> from dyprag.qa import load_qa, write_qa_jsonl
+    >>> from dyprag.data.qa import load_qa, write_qa_jsonl
     >>> examples = load_qa("data/2wikimultihopqa/dev.json", limit=300)  # + id_aliases.json
     >>> write_qa_jsonl(examples, "data/2wqa_dev300.jsonl")
 
@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dyprag.config import QA_FORMATS as FORMATS
 from dyprag.files import atomic_write_jsonl, iter_json_lines
 
-FORMATS = ("2wqa", "hotpotqa", "popqa", "cwq", "jsonl", "flashrag")
 ALIASES_FILE = "id_aliases.json"
 # Left out of meta: 2WQA / HotpotQA passages are most of the file, and dyprag retrieves its own.
 _DROPPED = {"context"}

@@ -29,9 +29,9 @@ import bm25s
 import numpy as np
 from bm25s.tokenization import Tokenized, Tokenizer
 
-from dyprag.corpus import Passage, corpus_fingerprint, iter_corpus
-from dyprag.dense_index import IDS_FILE, META, check_index_origin, hits_to_ids, read_ids, write_ids
+from dyprag.data.corpus import Passage, corpus_fingerprint, iter_corpus
 from dyprag.files import atomic_write_json, read_json
+from dyprag.retrieval.dense_index import IDS_FILE, META, check_index_origin, hits_to_ids, read_ids, write_ids
 
 FORMAT = "dyprag-bm25-index"
 STOPWORDS = "en"

@@ -1,6 +1,6 @@
 """Document augmentation: rewrites and question-answer pairs per document (PRAG's data).
 
-    python -m dyprag.augment --world /tmp/my-world --out /tmp/my-world/augmented.jsonl
+    python -m dyprag.data.augment --world /tmp/my-world --out /tmp/my-world/augmented.jsonl
 
 Each training document becomes one jsonl record (docs/design.md §5)::
 
@@ -38,9 +38,9 @@ from typing import Any, Protocol
 from tqdm.auto import tqdm
 
 from dyprag.config import AugmentConfig
-from dyprag.corpus import Passage, iter_corpus
+from dyprag.data.corpus import Passage, iter_corpus
+from dyprag.data.world import load_entities
 from dyprag.files import read_json, unshare
-from dyprag.world import load_entities
 
 
 @dataclass
@@ -99,7 +99,7 @@ def _template_qa(templates: dict[str, list[str]], name: str,
 def fresh_documents(world_dir: str | Path, count: int, seed: int) -> list[AugmentedDoc]:
     """``count`` bios of fresh people (names and facts not in the world), augmented like
     ``TemplateAugmenter`` does: extra documents for the translator's LM term (no bank LoRA)."""
-    from dyprag.world import fresh_entities, render
+    from dyprag.data.world import fresh_entities, render
 
     schema = read_json(Path(world_dir) / "schema.json")
     rng = random.Random(f"{seed}-extra-documents")
@@ -379,7 +379,7 @@ def augment_corpus(passages: Iterable[Passage], augmenter: Augmenter, out: str |
 def main() -> None:
     parser = argparse.ArgumentParser(description="Augment the synthetic world's documents "
                                                  "(rewrites + QA pairs) for bank training.")
-    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.world)")
+    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.data.world)")
     parser.add_argument("--out", default=None, help="jsonl (default: <world>/augmented.jsonl)")
     args = parser.parse_args()
     world = Path(args.world)

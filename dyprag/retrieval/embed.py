@@ -6,7 +6,7 @@ Hub id ``sentence-transformers/all-MiniLM-L6-v2``, so an index built with the pa
 and one built with ``Embedder("sentence-transformers/all-MiniLM-L6-v2")`` agree.
 
 Vectors are float32 and L2-normalised, so inner product = cosine similarity (what the FAISS
-index in ``dyprag.dense_index`` searches with). On CUDA the model runs in fp16; the output is
+index in ``dyprag.retrieval.dense_index`` searches with). On CUDA the model runs in fp16; the output is
 still float32.
 
     embedder = Embedder()                         # CPU or the first GPU
@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dyprag.config import TranslatorConfig, auto
-from dyprag.corpus import count_passages, iter_batches, iter_corpus
+from dyprag.data.corpus import count_passages, iter_batches, iter_corpus
 from dyprag.files import atomic_path
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"

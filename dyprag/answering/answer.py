@@ -28,15 +28,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dyprag.bank import BankSet, LoRABank
 from dyprag.config import EvalConfig, KnowledgeConfig, parse_mode
-from dyprag.embed import EmbeddingTable
-from dyprag.generate import generate_answers
-from dyprag.lora import LoRA, delta_cosines, sum_groups
+from dyprag.data.qa import QAExample
+from dyprag.engine.generate import generate_answers
+from dyprag.engine.lora import LoRA, delta_cosines, sum_groups
+from dyprag.engine.prompts import PLAIN, PromptFormat
 from dyprag.metrics import f1_by_fact, score
-from dyprag.prompts import PLAIN, PromptFormat
-from dyprag.qa import QAExample
-from dyprag.translator import ParameterTranslator
+from dyprag.retrieval.embed import EmbeddingTable
+from dyprag.training.bank import BankSet, LoRABank
+from dyprag.training.translator import ParameterTranslator
 
 Hits = Sequence[Sequence[str]]
 """Per question, the retrieved document ids, best first."""

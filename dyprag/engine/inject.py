@@ -4,7 +4,7 @@
 The hook adds the *active* LoRA's delta to the linear's output; nothing is active by
 default, so the model behaves exactly as before. The module tree, parameter names and
 ``save_pretrained`` stay untouched, and no modeling file is copied, so any architecture that
-``dyprag.models.find_ffn_targets`` understands works.
+``dyprag.engine.models.find_ffn_targets`` understands works.
 
     injection = inject_lora(model)
     with injection.use(lora):              # one forward, or a whole generate (KV cache on)
@@ -28,8 +28,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from dyprag.lora import Key, LoRA
-from dyprag.models import FFNTarget, find_ffn_targets
+from dyprag.engine.lora import Key, LoRA
+from dyprag.engine.models import FFNTarget, find_ffn_targets
 
 _ATTR = "_dyprag_injection"  # on the model: its LoRAInjection
 _STATE = "_dyprag_lora"  # on each hooked linear: (batch size or None, [_Slot], last_only) or None
@@ -87,7 +87,7 @@ def inject_lora(model: nn.Module, layers: Sequence[int] | None = None) -> LoRAIn
     """Install the LoRA hooks on ``model`` (once) and freeze its parameters.
 
     ``layers``: the decoder layers whose FFN projections take LoRAs (None: every layer;
-    ``dyprag.models.lora_layers`` reads ``model.lora_layers``). Calling it again on the same
+    ``dyprag.engine.models.lora_layers`` reads ``model.lora_layers``). Calling it again on the same
     model returns the same injection; asking it for other layers then is an error.
     """
     existing = getattr(model, _ATTR, None)

@@ -10,7 +10,7 @@
 - data: the bank's documents split into training and held-out ones (``val_fraction``,
   seeded); each row is (document embedding, bank LoRA, one of the document's training
   sequences, ``translator_recipe``);
-- logs: the loggers it is given (``dyprag.loggers``: CSV and W&B);
+- logs: the loggers it is given (``dyprag.run.loggers``: CSV and W&B);
 - checkpoints: Lightning's ``<run>/lightning/last.ckpt`` (translator and optimizer only) for
   resuming while the fit runs, then the translator as safetensors + ``meta.json`` in
   ``<run>/translator/`` (and ``lightning/`` is removed);
@@ -35,25 +35,25 @@ from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from dyprag import rundir
-from dyprag.augment import AugmentedDoc
-from dyprag.bank import LoRABank
 from dyprag.config import BankConfig, EvalConfig, TrainConfig, TranslatorConfig, auto
-from dyprag.distill import (
+from dyprag.data.augment import AugmentedDoc
+from dyprag.engine.generate import generate_answers
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.prefix import prefix_layer
+from dyprag.engine.prompts import PLAIN, PromptFormat
+from dyprag.files import Unreadable, atomic_write_json, fingerprint, is_cached
+from dyprag.metrics import score
+from dyprag.retrieval.embed import EmbeddingTable
+from dyprag.training.bank import LoRABank
+from dyprag.training.distill import (
     DistillationData,
     DistillationDataModule,
     TranslatorDistillation,
     ValidationQuestions,
 )
-from dyprag.embed import EmbeddingTable
-from dyprag.examples import Recipe, document_examples
-from dyprag.files import Unreadable, atomic_write_json, fingerprint, is_cached
-from dyprag.generate import generate_answers
-from dyprag.inject import inject_lora
-from dyprag.metrics import score
-from dyprag.prefix import prefix_layer
-from dyprag.progress import FitProgress
-from dyprag.prompts import PLAIN, PromptFormat
-from dyprag.translator import ParameterTranslator, load_translator, save_translator
+from dyprag.training.examples import Recipe, document_examples
+from dyprag.training.progress import FitProgress
+from dyprag.training.translator import ParameterTranslator, load_translator, save_translator
 
 
 @dataclass

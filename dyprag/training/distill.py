@@ -33,17 +33,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dyprag.bank import answer_logits
 from dyprag.config import TrainConfig, choices
-from dyprag.examples import Segments, Tokens, length_sorted, pad, tokenize
-from dyprag.generate import generate_answers
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA, delta_distance, factor_mse
+from dyprag.engine.generate import generate_answers
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA, delta_distance, factor_mse
+from dyprag.engine.prefix import final_hidden, logits_at, states_below
+from dyprag.engine.prompts import PLAIN, PromptFormat
 from dyprag.metrics import score
-from dyprag.optim import adamw_warmup_cosine
-from dyprag.prefix import final_hidden, logits_at, states_below
-from dyprag.prompts import PLAIN, PromptFormat
-from dyprag.translator import ParameterTranslator
+from dyprag.training.bank import answer_logits
+from dyprag.training.examples import Segments, Tokens, length_sorted, pad, tokenize
+from dyprag.training.optim import adamw_warmup_cosine
+from dyprag.training.translator import ParameterTranslator
 
 
 class DistillationData(Dataset):
@@ -77,7 +77,7 @@ class DistillationData(Dataset):
 
     @torch.no_grad()
     def cache_states(self, model, layer: int, batch_size: int = 32) -> None:
-        """Store every row's hidden states entering decoder ``layer`` (``dyprag.prefix``), on
+        """Store every row's hidden states entering decoder ``layer`` (``dyprag.engine.prefix``), on
         the CPU, so that each step runs only the layers from ``layer`` on; batches carry them
         as ``states``, padded like the ids."""
         device = next(model.parameters()).device

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 
 from dyprag.config import EvalConfig
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
-from dyprag.prompts import PLAIN, PromptFormat
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
+from dyprag.engine.prompts import PLAIN, PromptFormat
 
 
 @torch.no_grad()

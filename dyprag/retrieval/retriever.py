@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from dyprag.config import IndexConfig, choices, shown
-from dyprag.corpus import corpus_fingerprint, corpus_ids
-from dyprag.dense_index import META, DenseIndex
-from dyprag.embed import DEFAULT_MODEL, Embedder, EmbeddingTable
+from dyprag.data.corpus import corpus_fingerprint, corpus_ids
 from dyprag.files import atomic_write_json, read_json
-from dyprag.sparse import BM25Index, Results, reciprocal_rank_fusion
+from dyprag.retrieval.dense_index import META, DenseIndex
+from dyprag.retrieval.embed import DEFAULT_MODEL, Embedder, EmbeddingTable
+from dyprag.retrieval.sparse import BM25Index, Results, reciprocal_rank_fusion
 
 FORMAT = "dyprag-retriever"
 METHODS = choices(IndexConfig, "method")

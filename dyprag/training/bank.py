@@ -1,6 +1,6 @@
 """The LoRA bank: one FFN LoRA per document (PRAG), trained many documents per step.
 
-    python -m dyprag.bank --world /tmp/my-world --base /tmp/my-base --out /tmp/my-bank
+    python -m dyprag.training.bank --world /tmp/my-world --base /tmp/my-base --out /tmp/my-bank
 
 PRAG trains each document's LoRA alone, at batch 1. Here row ``b`` of every batch is a
 different document and goes through that document's own LoRA (per-sample injection), so one
@@ -40,15 +40,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dyprag.augment import AugmentedDoc
 from dyprag.config import BankConfig
-from dyprag.examples import Recipe, Segments, collate, document_examples
+from dyprag.data.augment import AugmentedDoc
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import Key, LoRA, combine
+from dyprag.engine.lora_io import atomic_save_tensors, lora_tensors
+from dyprag.engine.prefix import hidden_from, prefix_layer, states_below
+from dyprag.engine.prompts import PLAIN, PromptFormat
 from dyprag.files import atomic_write_json, is_cached, open_safetensors, read_json, read_meta
-from dyprag.inject import inject_lora
-from dyprag.lora import Key, LoRA, combine
-from dyprag.lora_io import atomic_save_tensors, lora_tensors
-from dyprag.prefix import hidden_from, prefix_layer, states_below
-from dyprag.prompts import PLAIN, PromptFormat
+from dyprag.training.examples import Recipe, Segments, collate, document_examples
 
 FORMAT = "dyprag-bank"
 
@@ -62,7 +62,7 @@ def answer_logits(model, batch: dict[str, torch.Tensor], start: int | None = Non
     ``start`` defaults to the first position whose next token is labelled in some row (the
     answers): logits are not computed over whole prompts, since with a real vocabulary the
     output head is most of the cost of a short sequence. ``states``: the batch's hidden states
-    entering ``layer`` (``dyprag.prefix``), where the forward then starts.
+    entering ``layer`` (``dyprag.engine.prefix``), where the forward then starts.
     """
     labels = batch["labels"]  # (N, T)
     if start is None:
@@ -102,7 +102,7 @@ def _autocast(device: torch.device):
 
 def _step_batch(model, tokenizer, rows: Sequence[Segments], layer: int = 0) -> dict[str, torch.Tensor]:
     """One step's batch of ``rows`` (one example each) on the model's device; with ``layer``
-    > 0, also the frozen layers' ``states`` entering it (``dyprag.prefix``), computed once
+    > 0, also the frozen layers' ``states`` entering it (``dyprag.engine.prefix``), computed once
     here and reused in every epoch."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in collate(tokenizer, list(rows)).items()}
@@ -397,16 +397,17 @@ class BankSet:
 
 
 def main() -> None:
-    from dyprag.augment import TemplateAugmenter, augment_corpus, read_augmented
-    from dyprag.corpus import iter_corpus
-    from dyprag.models import load_model
+    from dyprag.data.augment import TemplateAugmenter, augment_corpus, read_augmented
+    from dyprag.data.corpus import iter_corpus
+    from dyprag.engine.models import load_model
 
     parser = argparse.ArgumentParser(
         description="Train the LoRA bank of the synthetic world (recipe: the default job's, "
                     "dyprag.config.BankConfig); "
                     "augments the documents first when needed. Resumes an interrupted run.")
-    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.world)")
-    parser.add_argument("--base", required=True, help="base model directory (python -m dyprag.world_base)")
+    parser.add_argument("--world", required=True, help="world directory (python -m dyprag.data.world)")
+    parser.add_argument("--base", required=True,
+                        help="base model directory (python -m dyprag.training.world_base)")
     parser.add_argument("--out", required=True, help="bank directory")
     args = parser.parse_args()
     world = Path(args.world)

@@ -18,18 +18,18 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dyprag import rundir
-from dyprag.answer import Knowledge, answer, mode_lora
-from dyprag.bank import BankSet, LoRABank
+from dyprag.answering.answer import Knowledge, answer, mode_lora
 from dyprag.config import Config, load_config, parse_mode
-from dyprag.corpus import read_passages
-from dyprag.embed import EmbeddingTable, document_encoder
+from dyprag.data.corpus import read_passages
+from dyprag.engine.inject import inject_lora
+from dyprag.engine.lora import LoRA
+from dyprag.engine.models import load_model, lora_layers
+from dyprag.engine.prompts import prompt_format
 from dyprag.files import Unreadable
-from dyprag.inject import inject_lora
-from dyprag.lora import LoRA
-from dyprag.models import load_model, lora_layers
-from dyprag.prompts import prompt_format
-from dyprag.retrieval import Retriever, load_retriever
-from dyprag.translator import load_translator
+from dyprag.retrieval.embed import EmbeddingTable, document_encoder
+from dyprag.retrieval.retriever import Retriever, load_retriever
+from dyprag.training.bank import BankSet, LoRABank
+from dyprag.training.translator import load_translator
 
 
 class RunError(ValueError):
