@@ -27,7 +27,6 @@ delta_cosine ≤ 0.5, seen fit F1 ≥ 0.5, train_tokens_per_s after ≥ 3 × bef
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dyprag.config import Config, DataConfig, RunConfig
+from dyprag.config import DataConfig, RunConfig
 from dyprag.data.qa import QAExample, load_qa
 from dyprag.files import atomic_write_json, linked_copy, read_json
 

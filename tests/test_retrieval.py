@@ -84,7 +84,7 @@ def test_load_refuses_another_embedder(embedder, corpus, tmp_path):
 
 def test_an_embedder_named_only_by_the_index_is_never_loaded(embedder, corpus, tmp_path,
                                                              monkeypatch):
-    import dyprag.retrieval.retriever as retrieval
+    import dyprag.retrieval.retriever as retriever
     from dyprag.files import atomic_write_json, read_json
 
     build_retriever(corpus, tmp_path / "index", embedder=embedder, show_progress=False)
@@ -97,7 +97,7 @@ def test_an_embedder_named_only_by_the_index_is_never_loaded(embedder, corpus, t
             loaded.append(name)
             raise LookupError("not loaded in this test")
 
-    monkeypatch.setattr(retrieval, "Embedder", Recorder)
+    monkeypatch.setattr(retriever, "Embedder", Recorder)
     with pytest.raises(ValueError, match="built with embedder '/shared/evil-model'.*--embedder"):
         load_retriever(tmp_path / "index")
     assert loaded == []

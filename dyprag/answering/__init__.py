@@ -1,1 +1,2 @@
-"""Answering in every mode (vanilla, RAG, PRAG, DyPRAG, DyPRAG+context) and the score reports."""
+"""Answering in every mode of ``config.MODES`` (vanilla, RAG, PRAG, DyPRAG, and PRAG or DyPRAG
+with the passages in the prompt too) and the score reports."""

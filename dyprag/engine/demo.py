@@ -1,6 +1,6 @@
 """A one-minute demo of the LoRA engine: knowledge that lives only in per-document LoRAs.
 
-    python -m dyprag.engine.demo            # CPU, seconds
+    python -m dyprag.engine.demo     # CPU, seconds
 
 1. Build a tiny random Llama over a word vocabulary (nothing is downloaded).
 2. Train one rank-4 FFN LoRA per document, all documents in one batch: row b of every

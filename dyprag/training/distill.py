@@ -40,7 +40,6 @@ from dyprag.engine.lora import LoRA, delta_distance, factor_mse
 from dyprag.engine.prefix import final_hidden, logits_at, states_below
 from dyprag.engine.prompts import PLAIN, PromptFormat
 from dyprag.metrics import score
-from dyprag.training.bank import answer_logits
 from dyprag.training.examples import Segments, Tokens, length_sorted, pad, tokenize
 from dyprag.training.optim import adamw_warmup_cosine
 from dyprag.training.translator import ParameterTranslator
