@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import importlib.util
 import io
 import json
@@ -63,28 +62,10 @@ MODEL = {"full": dict(bank_throughput.SHAPES["small"], vocab_size=32000),  # ran
 DRY_RUN_MODES = "eval.modes=[vanilla,rag@1,prag@1,dyprag@1]"
 
 
-def peft_twin(model, lora: LoRA):
-    """The same model with ``lora``'s A and B set through PEFT's LoRA layers (the oracle)."""
-    from peft import LoraConfig, get_peft_model
-
-    layers = inject_lora(model).layers
-    base = copy.deepcopy(model)
-    inject_lora(base).remove()
-    twin = get_peft_model(base, LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
-                                           target_modules=["gate_proj", "up_proj", "down_proj"],
-                                           init_lora_weights=False))
-    modules = dict(twin.named_modules())
-    with torch.no_grad():
-        for layer in layers:
-            for name in ("gate", "up", "down"):
-                module = modules[f"base_model.model.model.layers.{layer}.mlp.{name}_proj"]
-                module.lora_A["default"].weight.copy_(lora.A[(layer, name)])
-                module.lora_B["default"].weight.copy_(lora.B[(layer, name)])
-    return twin.eval()
-
-
 def check_inject(args) -> dict:
     """Ours vs PEFT, in fp32 then bf16: one LoRA broadcast to 3 rows, and 3 LoRAs, one per row."""
+    from peft_oracle import peft_twin  # tests/; imports peft, needed by this check alone
+
     torch.manual_seed(0)
     config = transformers.LlamaConfig(**MODEL[args.size], max_position_embeddings=256, bos_token_id=1,
                                       eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)

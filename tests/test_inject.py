@@ -7,45 +7,11 @@ import copy
 import pytest
 import torch
 from conftest import PEFT_ARCHITECTURES, random_lora, tiny_model, tokens
-from peft import LoraConfig, get_peft_model
+from peft_oracle import peft_twin
 from torch.testing import assert_close
 
 from dyprag.engine.inject import inject_lora
 from dyprag.engine.lora import LoRA, combine
-
-
-def _peft_twin(model, lora: LoRA):
-    """The same model with the same A and B set through PEFT (the oracle)."""
-    injection = inject_lora(model)
-    fused = any(t.linear.out_features != t.out_features for t in injection.targets.values())
-    suffixes = ["gate_up_proj", "down_proj"] if fused else ["gate_proj", "up_proj", "down_proj"]
-    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, target_modules=suffixes,
-                        lora_dropout=0.0, init_lora_weights=False,
-                        rank_pattern={"gate_up_proj": 2 * lora.rank} if fused else {},
-                        alpha_pattern={"gate_up_proj": 2 * lora.alpha} if fused else {})
-    base = copy.deepcopy(model)
-    inject_lora(base).remove()
-    peft_model = get_peft_model(base, config)
-    modules = dict(peft_model.named_modules())
-    with torch.no_grad():
-        for layer in injection.layers:
-            mlp = f"base_model.model.model.layers.{layer}.mlp"
-            if fused:
-                gate, up = (layer, "gate"), (layer, "up")
-                a = torch.cat([lora.A[gate], lora.A[up]])
-                b = torch.block_diag(lora.B[gate], lora.B[up])
-                _set_peft(modules[f"{mlp}.gate_up_proj"], a, b)
-            else:
-                for module in ("gate", "up"):
-                    _set_peft(modules[f"{mlp}.{module}_proj"], lora.A[(layer, module)],
-                              lora.B[(layer, module)])
-            _set_peft(modules[f"{mlp}.down_proj"], lora.A[(layer, "down")], lora.B[(layer, "down")])
-    return peft_model.eval()
-
-
-def _set_peft(module, a, b) -> None:
-    module.lora_A["default"].weight.copy_(a)
-    module.lora_B["default"].weight.copy_(b)
 
 
 @pytest.mark.parametrize("arch", PEFT_ARCHITECTURES)
@@ -55,7 +21,7 @@ def test_logits_match_peft(arch):
     ids = tokens(2, 9)
     with inject_lora(model).use(lora):
         ours = model(ids).logits
-    theirs = _peft_twin(model, lora)(ids).logits
+    theirs = peft_twin(model, lora)(ids).logits
     assert_close(ours, theirs)
     assert not torch.allclose(ours, model(ids).logits), "the LoRA must change the logits"
 

@@ -9,7 +9,7 @@ import importlib.util
 import pytest
 import torch
 from conftest import random_lora
-from test_inject import _peft_twin
+from peft_oracle import peft_twin
 from torch.testing import assert_close
 
 from dyprag.answering.answer import mode_prompts
@@ -59,7 +59,7 @@ def test_ffn_lora_on_the_real_weights_matches_peft(smollm2):
     with torch.no_grad():
         with inject_lora(model).use(lora):
             ours = model(ids).logits
-        theirs = _peft_twin(model, lora)(ids).logits
+        theirs = peft_twin(model, lora)(ids).logits
         base = model(ids).logits
     assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
     assert (ours - base).abs().max() > 1e-2, "the LoRA must change the logits"
