@@ -93,14 +93,16 @@ def sequential_peft(model, tokenizer, examples, config: BankConfig, device: str)
     return losses
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the benchmark on ``argv`` (the command line's when None); prints and returns its
+    result."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--docs", type=int, default=64)
     parser.add_argument("--docs-per-step", type=int, default=64)
     parser.add_argument("--model", default="world", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="fp32")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device.startswith("cuda") and args.dtype != "fp32":
         args.dtype = "fp32"  # weights stay fp32; both sides run under bf16 autocast on GPU
 
@@ -137,9 +139,10 @@ def main() -> None:
         loss_sequential = statistics.mean(losses)
         print(f"sequential: {len(docs) / sequential_s:8.2f} docs/s ({sequential_s:.1f}s), "
               f"mean final loss {loss_sequential:.4f}")
-    print(json.dumps({"speedup": round(sequential_s / batched_s, 2),
-                      "loss_batched": round(loss_batched, 4),
-                      "loss_sequential": round(loss_sequential, 4)}))
+    result = {"speedup": round(sequential_s / batched_s, 2), "loss_batched": round(loss_batched, 4),
+              "loss_sequential": round(loss_sequential, 4)}
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

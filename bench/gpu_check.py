@@ -32,9 +32,7 @@ exit status 1 when a check failed (listed in ``failed``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
-import io
 import json
 import os
 import sys
@@ -53,6 +51,7 @@ import transformers  # noqa: E402
 
 from dyprag.engine.inject import inject_lora  # noqa: E402
 from dyprag.engine.lora import LoRA  # noqa: E402
+from dyprag.files import atomic_write_json  # noqa: E402
 
 # Pass: max |ours - PEFT| ≤ FP32_RTOL × max |logit| in fp32, ≤ BF16_FACTOR × PEFT's own bf16 error
 # (max |PEFT bf16 - PEFT fp32|) in bf16; and the LoRA's effect > 2 × that (not a vacuous check).
@@ -110,16 +109,9 @@ def check_inject(args) -> dict:
 
 def check_bank(args) -> dict:
     """bench/bank_throughput.py's main, in this process (so its GPU memory is counted)."""
-    argv = ["bank_throughput.py", "--device", args.device, "--dtype", args.dtype,
-            "--docs", str(args.bank_docs), "--docs-per-step", str(args.bank_docs), "--model", args.bank_model]
-    captured, saved, sys.argv = io.StringIO(), sys.argv, argv
-    try:
-        with contextlib.redirect_stdout(captured):
-            bank_throughput.main()
-    finally:
-        sys.argv = saved
-    print(captured.getvalue(), end="")
-    return {"argv": " ".join(argv[1:]), **json.loads(captured.getvalue().strip().splitlines()[-1])}
+    argv = ["--device", args.device, "--dtype", args.dtype, "--docs", str(args.bank_docs),
+            "--docs-per-step", str(args.bank_docs), "--model", args.bank_model]
+    return {"argv": " ".join(argv), **bank_throughput.main(argv)}
 
 
 def check_world(args, root: Path) -> dict:
@@ -176,10 +168,9 @@ def main() -> None:
             result["skipped"].append({"check": "world", "reason": f"{package} is not installed ({why})"})
     started = time.perf_counter()
 
-    def save() -> None:
+    def save() -> None:  # complete after each check, never half-written
         if out:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "gpu_check.json").write_text(json.dumps(result, indent=1))
+            atomic_write_json(out / "gpu_check.json", result)
 
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
