@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +198,32 @@ def atomic_dir(path: str | os.PathLike, keep_existing: bool = False) -> Iterator
         if not (keep_existing and path.exists()):
             raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def flock(path: Path, shared: bool, busy: Callable[[int], None]):
+    """Hold a ``flock`` on ``path`` (made when missing) for the ``with`` block, which gets its
+    file descriptor. Where another process holds it, ``busy(fd)`` is called first: it raises,
+    or the lock is waited for."""
+    import fcntl  # POSIX only: imported where a lock is taken
+
+    kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except PermissionError:
+        if not shared:
+            raise
+        yield  # unlocked: in a directory this user cannot write, no writer of this user either
+        return
+    try:
+        try:
+            fcntl.flock(fd, kind | fcntl.LOCK_NB)
+        except BlockingIOError:
+            busy(fd)
+            fcntl.flock(fd, kind)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _sweep(parent: Path, prefix: str, suffix: str = "") -> None:

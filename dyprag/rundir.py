@@ -30,13 +30,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dyprag.config import DataConfig, RunConfig
 from dyprag.data.qa import QAExample, load_qa
-from dyprag.files import atomic_write_json, linked_copy, read_json
+from dyprag.files import atomic_write_json, flock, linked_copy, read_json
 
 if TYPE_CHECKING:
     from dyprag.retrieval.embed import EmbeddingTable
@@ -120,34 +119,8 @@ def reading(run: Path):
     if not (run.exists() or _old(run).exists()):  # .old: between a publication's renames
         yield
         return
-    with _flock(_beside(run, "readers"), shared=True, busy=lambda fd: None):
+    with flock(_beside(run, "readers"), shared=True, busy=lambda fd: None):
         yield
-
-
-@contextlib.contextmanager
-def _flock(path: Path, shared: bool, busy: Callable[[int], None]):
-    """Hold a ``flock`` on ``path`` (made when missing) for the ``with`` block, which gets its
-    file descriptor. Where another process holds it, ``busy(fd)`` is called first: it raises,
-    or the lock is waited for."""
-    import fcntl
-
-    kind = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    except PermissionError:
-        if not shared:
-            raise
-        yield  # a run in a directory this user cannot write: nor can this user publish there
-        return
-    try:
-        try:
-            fcntl.flock(fd, kind | fcntl.LOCK_NB)
-        except BlockingIOError:
-            busy(fd)
-            fcntl.flock(fd, kind)
-        yield fd
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _beside(run: Path, what: str) -> Path:
@@ -171,7 +144,7 @@ def lock(run: Path):
         raise RunBusy(f"run {run} is being written by process {holder}; wait for it to end or "
                       "use another run.name") from None  # not the BlockingIOError behind it
 
-    with _flock(_beside(run, "lock"), shared=False, busy=refuse) as fd:
+    with flock(_beside(run, "lock"), shared=False, busy=refuse) as fd:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield
@@ -326,7 +299,7 @@ def publish(out: Path, final: Path) -> None:
         print(f"[dyprag] waiting for the processes reading {final} (infer.py, evaluate.py) to "
               "end before replacing it", flush=True)
 
-    with _flock(_beside(final, "readers"), shared=False, busy=wait):
+    with flock(_beside(final, "readers"), shared=False, busy=wait):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(out, final)

@@ -310,3 +310,13 @@ def test_help_names_every_dataset_its_files_and_licence(capsys):
     for name, entry in fetch.DATASETS.items():
         assert name in text and entry.files[0] in text and entry.licence in text
     assert "resume" in text
+
+
+def test_a_second_fetch_of_the_same_file_is_refused_and_leaves_the_first_ones_lock(tmp_path):
+    part = tmp_path / "hotpot_dev_distractor_v1.json.part"
+    with fetch._exclusive(part):
+        with pytest.raises(fetch.FetchError, match="another fetch is writing"):
+            with fetch._exclusive(part):
+                pass
+        assert part.with_name(part.name + ".lock").exists()
+    assert not part.with_name(part.name + ".lock").exists()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import gzip
 import http.client
 import os
@@ -49,7 +48,7 @@ from tqdm.auto import tqdm
 
 from dyprag.data.corpus import iter_corpus
 from dyprag.data.qa import load_2wqa, load_qa
-from dyprag.files import atomic_path, file_sha256
+from dyprag.files import atomic_path, file_sha256, flock
 
 CONNECT_TIMEOUT = 10.0  # seconds for one server to answer (and, once streaming, per read)
 REACH_BUDGET = 25.0     # seconds for all of a dataset's sources to be tried before giving up
@@ -237,11 +236,11 @@ def _exclusive(part: Path):
     FetchError when another fetch holds it."""
     part.parent.mkdir(parents=True, exist_ok=True)
     lock = part.with_name(part.name + ".lock")
-    with lock.open("a") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise FetchError(f"another fetch is writing {part}; wait for it to end") from None
+
+    def refuse(_: int) -> None:
+        raise FetchError(f"another fetch is writing {part}; wait for it to end")
+
+    with flock(lock, shared=False, busy=refuse):
         try:
             yield
         finally:
