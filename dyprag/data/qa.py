@@ -35,7 +35,7 @@ import ast
 import csv
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,39 +305,43 @@ def load_cwq(path: str | os.PathLike, limit: int | None = None) -> list[QAExampl
 def load_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
     """Generic jsonl (what ``write_qa_jsonl`` writes). A missing id becomes the line number;
     ``answer`` is accepted for ``answers``; other top-level keys go into meta."""
-    src = _check_path(path)
-    _check_limit(limit)
+    def read(obj: dict, where: str) -> tuple[list, dict]:
+        meta = obj.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise QAFormatError(f"{where}: meta must be a JSON object")
+        extra = {k: v for k, v in obj.items() if k not in ("id", "question", "answers", "answer", "meta")}
+        return _as_list(obj["answers"] if "answers" in obj else obj.get("answer")), {**extra, **meta}
 
-    def examples() -> Iterator[QAExample]:
-        for lineno, obj in _iter_jsonl(src):
-            where = f"{src}:{lineno}" + ("" if obj.get("id") is None else f" (id {obj['id']!r})")
-            meta = obj.get("meta") or {}
-            if not isinstance(meta, dict):
-                raise QAFormatError(f"{where}: meta must be a JSON object")
-            extra = {k: v for k, v in obj.items() if k not in ("id", "question", "answers", "answer", "meta")}
-            golds = _as_list(obj["answers"] if "answers" in obj else obj.get("answer"))
-            yield QAExample(str(obj.get("id", lineno)), _question(obj.get("question"), where),
-                            _answers(golds, where), {**extra, **meta})
-
-    return _collect(examples(), src, limit)
+    return _load_json_lines(path, limit, read)
 
 
 def load_flashrag(path: str | os.PathLike, limit: int | None = None) -> list[QAExample]:
     """FlashRAG's jsonl (the Hugging Face dataset ``RUC-NLPIR/FlashRAG_datasets``): answers
     from ``golden_answers``, meta from ``metadata``. A missing id becomes the line number."""
+    def read(obj: dict, where: str) -> tuple[list, dict]:
+        if "golden_answers" not in obj:
+            raise QAFormatError(f"{where} has no golden_answers (not FlashRAG's format)")
+        metadata = obj.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise QAFormatError(f"{where}: metadata must be a JSON object")
+        return _as_list(obj["golden_answers"]), metadata
+
+    return _load_json_lines(path, limit, read)
+
+
+def _load_json_lines(path: str | os.PathLike, limit: int | None,
+                     read: Callable[[dict, str], tuple[list, dict]]) -> list[QAExample]:
+    """One question per JSON line: ``read(obj, where)`` gives its answers and meta; the id is
+    ``id`` (the line number when missing), the question ``question``."""
     src = _check_path(path)
     _check_limit(limit)
 
     def examples() -> Iterator[QAExample]:
         for lineno, obj in _iter_jsonl(src):
             where = f"{src}:{lineno}" + ("" if obj.get("id") is None else f" (id {obj['id']!r})")
-            if "golden_answers" not in obj:
-                raise QAFormatError(f"{where} has no golden_answers (not FlashRAG's format)")
-            metadata = obj.get("metadata") or {}
-            if not isinstance(metadata, dict):
-                raise QAFormatError(f"{where}: metadata must be a JSON object")
+            golds, meta = read(obj, where)
             yield QAExample(str(obj.get("id", lineno)), _question(obj.get("question"), where),
-                            _answers(_as_list(obj["golden_answers"]), where), dict(metadata))
+                            _answers(golds, where), meta)
 
     return _collect(examples(), src, limit)
 
