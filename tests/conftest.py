@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from tiny_world import tiny_run_config
 
 from dyprag.engine.inject import inject_lora
 from dyprag.engine.lora import LoRA
+from dyprag.files import file_sha256
 
 # Models made here (the world's base model, converted GGUF files) are kept in a cache shared by
 # every run on the machine; the tests keep theirs apart (subprocesses inherit this).
@@ -65,10 +65,24 @@ def tokens(batch: int, length: int, seed: int = 2, vocab: int = TINY["vocab_size
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+def exits_with_one_line(capsys, call, *needles: str, alone: bool = False) -> str:
+    """``call()`` exits 2, its last line on stderr an error naming every needle (``alone``: the
+    only line, as when nothing ran before the error); returns that line."""
+    with pytest.raises(SystemExit) as exit_:
+        call()
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
+    assert exit_.value.code == 2 and err.startswith("error"), lines
+    assert not alone or len(lines) == 1, lines
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
 # ---- a tiny trained run (train.py end to end), shared by test_train and test_infer ----------
 def run_files(run: Path) -> dict[str, str]:
     """Every file of a run by its relative path → sha256 of its bytes."""
-    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(run)): file_sha256(p)
             for p in sorted(run.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
@@ -86,8 +100,8 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     run = tmp / "checkpoints" / "tiny"
     made = run_files(run)
     yield config, run
-    changed = sorted(k for k in made.keys() | run_files(run).keys()
-                     if made.get(k) != run_files(run).get(k))
+    now = run_files(run)
+    changed = sorted(k for k in made.keys() | now.keys() if made.get(k) != now.get(k))
     assert not changed, f"a test changed the shared tiny run (use own_run): {changed[:5]}"
 
 

@@ -17,18 +17,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import run_files
+from conftest import exits_with_one_line, run_files
 from torch.testing import assert_close
 
 import infer
 import train
 from dyprag.files import read_safetensors
-from dyprag.rundir import MARKER, begin, publish
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = "Where was Nerys Northcott born?"
-
 
 
 def metrics_rows(run: Path) -> list[dict]:
@@ -37,16 +35,6 @@ def metrics_rows(run: Path) -> list[dict]:
         with path.open() as f:
             rows += list(csv.DictReader(f))
     return rows
-
-
-def exits_with_one_line(capsys, call, *needles: str) -> str:
-    with pytest.raises(SystemExit) as exit_:
-        call()
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_.value.code == 2 and err.startswith("error"), err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # ---- 1. a rerun keeps the logs -----------------------------------------------------------------
@@ -71,45 +59,18 @@ def test_a_failed_rerun_leaves_the_finished_run_answering(own_run, capsys):
     assert infer.main(["--run", str(run), "--question", QUESTION]) == 0  # still answers
 
 
-def test_a_successful_rerun_replaces_the_run_and_removes_its_staging(own_run):
+def test_a_successful_rerun_replaces_the_run_its_reports_and_its_staging(own_run):
     args, run = own_run
+    (run / "eval").mkdir()  # evaluate.py's reports on the run being replaced
+    (run / "eval" / "report.md").write_text("| old translator | 0.9 |\n")
     train.main([*args, "train.lr=2e-3"])
     assert json.loads((run / "eval.json").read_text())["f1"].keys() == {"vanilla", "dyprag@1"}
     assert "lr: 0.002" in (run / "config.yaml").read_text()
+    assert not (run / "eval").exists()
     # beside the run: only its writer and readers locks (kept: removing a lock file races its
     # next taker)
     assert sorted(p.name for p in run.parent.iterdir()) == [
         f".{run.name}.lock", f".{run.name}.readers", run.name]
-
-
-def test_a_rerun_drops_the_reports_evaluate_wrote_on_the_run_it_replaces(own_run):
-    args, run = own_run
-    (run / "eval").mkdir()
-    (run / "eval" / "report.md").write_text("| old translator | 0.9 |\n")
-    train.main([*args, "train.lr=2e-3"])
-    assert (run / "eval.json").is_file() and not (run / "eval").exists()
-
-
-def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
-    final = tmp_path / "run"
-    final.mkdir()
-    (final / "eval.json").write_text("{}")
-    (final / MARKER).write_text("{}")
-    (final / "a").write_text("old")
-    out = begin(final)  # a rerun's staging copy: hard links, without the run's description
-    assert out != final and not (out / "eval.json").exists()
-    assert os.stat(out / "a").st_ino == os.stat(final / "a").st_ino
-    (out / "a.tmp").write_text("new")
-    os.replace(out / "a.tmp", out / "a")  # a writer replaces, so the run keeps its file
-    assert (final / "a").read_text() == "old"
-    os.replace(final, tmp_path / ".run.old")  # crash after the first rename, unfinished attempt
-    begin(final)
-    assert (final / "a").read_text() == "old"
-    (out / "eval.json").write_text("{}")  # now finished: the cut publication completes
-    os.replace(final, tmp_path / ".run.old")
-    assert begin(final) != final and (final / "a").read_text() == "new"
-    publish(begin(final, rebuild=("bank",)), final)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.readers", "run"]
 
 
 # ---- 3. a killed fit resumes exactly -----------------------------------------------------------

@@ -3,13 +3,14 @@ never into another directory; a symlinked run is rerun beside its target and sta
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import run_files
+from conftest import exits_with_one_line, run_files
 
 import train
 from dyprag.config import load_config
@@ -44,10 +45,9 @@ def test_begin_never_writes_into_or_deletes_from_a_directory_that_is_not_a_run(n
 
 def test_train_refuses_a_directory_that_is_not_a_run_with_exit_2(notes, capsys):
     before = run_files(notes)
-    with pytest.raises(SystemExit) as exit_:
-        train.main([f"run.root={notes.parent}", "run.name=notes", "--rebuild", "index"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and "not a dyprag run" in err[0], err
+    exits_with_one_line(capsys, lambda: train.main([f"run.root={notes.parent}", "run.name=notes",
+                                                    "--rebuild", "index"]),
+                        "not a dyprag run", alone=True)
     assert run_files(notes) == before
 
 
@@ -66,6 +66,28 @@ def test_a_marked_run_may_hold_other_files(tmp_path):
     begin(run)
     (run / "notes.txt").write_text("kept")
     assert begin(run) == run and (run / "notes.txt").read_text() == "kept"
+
+
+def test_a_publication_cut_by_a_crash_is_finished_or_undone(tmp_path):
+    final = tmp_path / "run"
+    final.mkdir()
+    (final / "eval.json").write_text("{}")
+    (final / MARKER).write_text("{}")
+    (final / "a").write_text("old")
+    out = begin(final)  # a rerun's staging copy: hard links, without the run's description
+    assert out != final and not (out / "eval.json").exists()
+    assert os.stat(out / "a").st_ino == os.stat(final / "a").st_ino
+    (out / "a.tmp").write_text("new")
+    os.replace(out / "a.tmp", out / "a")  # a writer replaces, so the run keeps its file
+    assert (final / "a").read_text() == "old"
+    os.replace(final, tmp_path / ".run.old")  # crash after the first rename, unfinished attempt
+    begin(final)
+    assert (final / "a").read_text() == "old"
+    (out / "eval.json").write_text("{}")  # now finished: the cut publication completes
+    os.replace(final, tmp_path / ".run.old")
+    assert begin(final) != final and (final / "a").read_text() == "new"
+    publish(begin(final, rebuild=("bank",)), final)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".run.readers", "run"]
 
 
 def test_a_symlinked_run_is_rerun_beside_its_target_and_stays_linked(tmp_path):

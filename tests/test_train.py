@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import exits_with_one_line
 from safetensors.torch import load_file
 from tiny_world import TINY_RUN_MODES as MODES
 from torch.testing import assert_close
@@ -256,15 +257,10 @@ def test_ddp_with_two_cpu_processes(own_run):
 
 def test_a_torchrun_launch_is_refused(monkeypatch, capsys):
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
-    with pytest.raises(SystemExit) as exit_:
-        train.main([])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1 and "not torchrun" in err[0], err
+    exits_with_one_line(capsys, lambda: train.main([]), "not torchrun", alone=True)
 
 
 def test_bad_overrides_exit_2_with_one_line_naming_the_fields(capsys):
-    with pytest.raises(SystemExit) as exit_:
-        train.main(["train.lr=fast", "train.bogus=1"])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exit_.value.code == 2 and len(err) == 1
-    assert re.search("train.bogus: unknown key.*train.lr: must be float", err[0]), err
+    err = exits_with_one_line(capsys, lambda: train.main(["train.lr=fast", "train.bogus=1"]),
+                              alone=True)
+    assert re.search("train.bogus: unknown key.*train.lr: must be float", err), err
