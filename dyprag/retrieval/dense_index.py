@@ -28,13 +28,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from dyprag.config import IndexConfig
 from dyprag.files import atomic_path, atomic_write_json, atomic_write_jsonl, read_json
+
+if TYPE_CHECKING:  # imported where an index is built or read (_faiss)
+    import faiss
 
 FORMAT = "dyprag-dense-index"
 INDEX_FILE, IDS_FILE, META = "index.faiss", "ids.txt", "meta.json"
